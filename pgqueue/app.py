@@ -1,0 +1,288 @@
+"""The App: a registry of tasks, the producer API, and the connection the app owns."""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, AsyncIterator, Literal, overload
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
+
+from . import producer
+from .database import resolve_dsn
+from .errors import JobNotFoundError, UnknownTaskError
+from .migrate import migrate, migrate_async
+from .models import Job, JobOptions, RetryPolicy, validate_options, validate_task_name
+from .plans import Plan, drive, drive_async
+from .settings import Settings
+from .sql import query
+from .tasks import Executor, Task
+
+Connection = psycopg.Connection[Any]
+AsyncConnection = psycopg.AsyncConnection[Any]
+
+
+class App:
+    """Holds the tasks a worker can run and the settings producers and workers share.
+
+    >>> app = App()
+    >>> @app.task(queue="emails", max_attempts=5, timeout=30)
+    ... async def send_welcome(user_id: int) -> None: ...
+    """
+
+    def __init__(self, settings: Settings | None = None, *, dsn: str | None = None) -> None:
+        self.settings = settings if settings is not None else Settings()
+        if dsn is not None:
+            self.settings = self.settings.model_copy(update={"dsn": dsn})
+        self.tasks: dict[str, Task[..., Any]] = {}
+        self._dsn: str | None = None
+        self._pool: ConnectionPool | None = None
+        self._async_pool: AsyncConnectionPool | None = None
+        self._lock = threading.Lock()
+
+    # -- tasks ---------------------------------------------------------------------
+
+    @overload
+    def task(self, function: Callable[..., Any], /) -> Task[..., Any]: ...
+
+    @overload
+    def task(
+        self,
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        priority: int | str = 0,
+        max_attempts: int = 10,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        executor: Executor | None = None,
+    ) -> Callable[[Callable[..., Any]], Task[..., Any]]: ...
+
+    def task(
+        self,
+        function: Callable[..., Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        priority: int | str = 0,
+        max_attempts: int = 10,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        executor: Executor | None = None,
+    ) -> Task[..., Any] | Callable[[Callable[..., Any]], Task[..., Any]]:
+        """Register a function as a task. Options become the defaults of its jobs.
+
+        executor: "async" for coroutine functions (the default for them), "thread" for
+        plain functions (their default), "process" for CPU-bound work.
+        """
+
+        def register(target: Callable[..., Any]) -> Task[..., Any]:
+            options = validate_options(
+                {
+                    "queue": queue,
+                    "priority": priority,
+                    "max_attempts": max_attempts,
+                    "timeout": timeout,
+                    "retry": retry or RetryPolicy(),
+                }
+            )
+            task_name = validate_task_name(name or f"{target.__module__}.{target.__qualname__}")
+            if task_name in self.tasks:
+                raise ValueError(f"a task named {task_name!r} is already registered")
+            chosen = executor or ("async" if inspect.iscoroutinefunction(target) else "thread")
+            if chosen == "async" and not inspect.iscoroutinefunction(target):
+                raise ValueError(f"task {task_name!r}: executor 'async' needs an async def function")
+            if chosen in ("thread", "process") and inspect.iscoroutinefunction(target):
+                raise ValueError(f"task {task_name!r}: executor {chosen!r} needs a plain def function")
+            created: Task[..., Any] = Task(self, task_name, target, options, chosen)
+            self.tasks[task_name] = created
+            return created
+
+        return register(function) if function is not None else register
+
+    def queues(self) -> list[str]:
+        """The queues this app's tasks enqueue to by default."""
+        return sorted({task.default_options.queue for task in self.tasks.values()}) or ["default"]
+
+    # -- enqueue by name -----------------------------------------------------------
+
+    def prepare(self, task: str, args: dict[str, Any] | None, **options: Any) -> producer.PreparedJob:
+        """Validate a job given by task name (checked against the registry when it is known)."""
+        registered = self.tasks.get(task)
+        if registered is not None:
+            return registered.with_options(**options).prepare_kwargs(args or {})
+        if self.tasks:
+            raise UnknownTaskError(
+                f"unknown task {task!r}: this app registers {sorted(self.tasks)}"
+            )
+        merged = JobOptions().merged(**options)
+        return producer.prepare(task, args or {}, merged)
+
+    def enqueue(
+        self, connection: Connection | None, task: str, args: dict[str, Any] | None = None, **options: Any
+    ) -> int:
+        """Enqueue a job by task name; `connection=None` uses the app's own pool."""
+        job = self.prepare(task, args, **options)
+        return self.insert(connection, job)
+
+    async def enqueue_async(
+        self,
+        connection: AsyncConnection | None,
+        task: str,
+        args: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> int:
+        """The async twin of `enqueue`."""
+        job = self.prepare(task, args, **options)
+        return await self.insert_async(connection, job)
+
+    def insert(self, connection: Connection | None, job: producer.PreparedJob) -> int:
+        with self._using(connection) as conn:
+            return producer.insert(conn, job)
+
+    async def insert_async(self, connection: AsyncConnection | None, job: producer.PreparedJob) -> int:
+        async with self._using_async(connection) as conn:
+            return await producer.insert_async(conn, job)
+
+    def insert_many(self, connection: Connection | None, jobs: list[producer.PreparedJob]) -> list[int]:
+        with self._using(connection) as conn:
+            return producer.insert_many(conn, jobs)
+
+    async def insert_many_async(
+        self, connection: AsyncConnection | None, jobs: list[producer.PreparedJob]
+    ) -> list[int]:
+        async with self._using_async(connection) as conn:
+            return await producer.insert_many_async(conn, jobs)
+
+    # -- job control ---------------------------------------------------------------
+
+    def get_job(self, job_id: int, connection: Connection | None = None) -> Job:
+        """The job with this id; raises JobNotFoundError."""
+        with self._using(connection) as conn:
+            return drive(conn, _get_job_plan(job_id))
+
+    async def get_job_async(self, job_id: int, connection: AsyncConnection | None = None) -> Job:
+        async with self._using_async(connection) as conn:
+            return await drive_async(conn, _get_job_plan(job_id))
+
+    def cancel(self, job_id: int, connection: Connection | None = None) -> bool:
+        """Cancel a queued job; False if it already started or finished. JobNotFoundError if none."""
+        with self._using(connection) as conn:
+            return drive(conn, _control_plan("cancel_job", job_id))
+
+    async def cancel_async(self, job_id: int, connection: AsyncConnection | None = None) -> bool:
+        async with self._using_async(connection) as conn:
+            return await drive_async(conn, _control_plan("cancel_job", job_id))
+
+    def retry(self, job_id: int, connection: Connection | None = None) -> bool:
+        """Requeue a dead-lettered or cancelled job; False if it is in another state."""
+        with self._using(connection) as conn:
+            return drive(conn, _control_plan("retry_job", job_id))
+
+    async def retry_async(self, job_id: int, connection: AsyncConnection | None = None) -> bool:
+        async with self._using_async(connection) as conn:
+            return await drive_async(conn, _control_plan("retry_job", job_id))
+
+    def migrate(self, connection: Connection | None = None) -> list[int]:
+        """Apply pending migrations (inside `connection`'s transaction when given)."""
+        if connection is not None:
+            return migrate(connection)
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            return migrate(conn)
+
+    async def migrate_async(self, connection: AsyncConnection | None = None) -> list[int]:
+        if connection is not None:
+            return await migrate_async(connection)
+        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+            return await migrate_async(conn)
+
+    # -- connections ---------------------------------------------------------------
+
+    @property
+    def dsn(self) -> str:
+        """The database this app talks to (starts the embedded one if none is configured)."""
+        if self._dsn is None:
+            self._dsn = resolve_dsn(self.settings)
+        return self._dsn
+
+    def pool(self) -> ConnectionPool:
+        """The app's own sync pool, opened on first use."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = ConnectionPool(
+                    self.dsn, min_size=1, max_size=self.settings.pool_size, open=True,
+                    name="pgqueue", check=ConnectionPool.check_connection,
+                )
+            return self._pool
+
+    async def async_pool(self) -> AsyncConnectionPool:
+        """The app's own async pool, opened on first use."""
+        if self._async_pool is None:
+            pool = AsyncConnectionPool(
+                self.dsn, min_size=1, max_size=self.settings.pool_size, open=False,
+                name="pgqueue-async", check=AsyncConnectionPool.check_connection,
+            )
+            await pool.open()
+            self._async_pool = pool
+        return self._async_pool
+
+    @contextmanager
+    def _using(self, connection: Connection | None) -> Iterator[Connection]:
+        if connection is not None:
+            yield connection
+        else:
+            with self.pool().connection() as conn:
+                yield conn
+
+    @asynccontextmanager
+    async def _using_async(self, connection: AsyncConnection | None) -> AsyncIterator[AsyncConnection]:
+        if connection is not None:
+            yield connection
+        else:
+            async with (await self.async_pool()).connection() as conn:
+                yield conn
+
+    def close(self) -> None:
+        """Close the app's sync pool (the async one needs `aclose`)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    async def aclose(self) -> None:
+        self.close()
+        if self._async_pool is not None:
+            await self._async_pool.close()
+            self._async_pool = None
+
+    def __enter__(self) -> App:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def task_named(self, name: str) -> Task[..., Any]:
+        try:
+            return self.tasks[name]
+        except KeyError:
+            raise UnknownTaskError(f"unknown task {name!r}: this app registers {sorted(self.tasks)}") from None
+
+
+def _get_job_plan(job_id: int) -> Plan[Job]:
+    rows = yield query("get_job"), {"id": job_id}
+    if not rows:
+        raise JobNotFoundError(f"no job with id {job_id}")
+    return Job.from_row(rows[0])
+
+
+def _control_plan(name: Literal["cancel_job", "retry_job"], job_id: int) -> Plan[bool]:
+    rows = yield query(name), {"id": job_id}
+    if rows and rows[0][0]:
+        return True
+    exists = yield query("job_state"), {"id": job_id}
+    if not exists:
+        raise JobNotFoundError(f"no job with id {job_id}")
+    return False

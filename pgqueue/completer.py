@@ -1,0 +1,138 @@
+"""Records job outcomes in batches by group commit: never on a timer, never one by one.
+
+An outcome is flushed at once when no flush is in flight; outcomes that arrive while
+one is in flight wait for it and then go together in the next. So a busy worker
+writes hundreds of outcomes per statement, an idle one records each immediately,
+and a `kill -9` loses at most the outcomes of one round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .connection import Backoff, DatabaseUnavailable, WorkerConnection
+from .sql import query
+
+log = logging.getLogger("pgqueue")
+
+OutcomeKind = Literal["succeeded", "failed", "retry", "fatal", "released"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one attempt ended."""
+
+    job_id: int
+    attempt: int
+    kind: OutcomeKind
+    result_json: str | None = None
+    error: dict[str, Any] | None = None
+    retry_in: float | None = None
+
+
+class Completer:
+    """Collects outcomes and writes them with one `pgqueue.complete_jobs` call per flush."""
+
+    def __init__(
+        self,
+        connection: WorkerConnection,
+        worker_id: str,
+        reconnect_max_delay: float,
+        on_recorded: Callable[[list[Outcome], list[tuple[Any, ...]]], None] | None = None,
+    ) -> None:
+        self._connection = connection
+        self._worker_id = worker_id
+        self._reconnect_max_delay = reconnect_max_delay
+        self._pending: list[Outcome] = []
+        self._in_flight: list[Outcome] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._on_recorded = on_recorded
+        self.abandon = False
+
+    def add(self, outcome: Outcome) -> None:
+        self._pending.append(outcome)
+        self._idle.clear()
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    def unrecorded_ids(self) -> list[int]:
+        """Jobs whose outcome is known here but not yet in the database (their leases must hold)."""
+        return [outcome.job_id for outcome in (*self._in_flight, *self._pending)]
+
+    async def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until every outcome added so far is recorded; False on timeout."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _flush_loop(self) -> None:
+        backoff = Backoff(cap=self._reconnect_max_delay)
+        try:
+            while self._pending and not self.abandon:
+                self._in_flight, self._pending = self._pending, []
+                while not self.abandon:
+                    try:
+                        rows = await self._connection.fetch(
+                            query("complete_jobs"), self._params(self._in_flight)
+                        )
+                    except DatabaseUnavailable as error:
+                        delay = backoff.next_delay()
+                        log.warning(
+                            "could not record %d job outcome(s), database unavailable (%s); "
+                            "keeping them and retrying in %.1fs",
+                            len(self._in_flight), error, delay,
+                        )
+                        await asyncio.sleep(delay)
+                        continue
+                    if backoff.failures:
+                        log.info("database reachable again: recorded %d job outcome(s)", len(rows))
+                    backoff.reset()
+                    self._report(self._in_flight, rows)
+                    break
+                self._in_flight = []
+        except asyncio.CancelledError:
+            # keep what was being written: a later flush (or the lease rescue) deals with it
+            self._pending[:0] = self._in_flight
+            self._in_flight = []
+            raise
+        finally:
+            self._flusher = None
+            if not self._pending or self.abandon:
+                self._idle.set()
+
+    def _params(self, batch: list[Outcome]) -> dict[str, Any]:
+        return {
+            "worker": self._worker_id,
+            "ids": [outcome.job_id for outcome in batch],
+            "attempts": [outcome.attempt for outcome in batch],
+            "outcomes": [outcome.kind for outcome in batch],
+            "results": [outcome.result_json for outcome in batch],
+            "errors": [
+                None if outcome.error is None else json.dumps(outcome.error, default=str)
+                for outcome in batch
+            ],
+            "retry_in": [outcome.retry_in for outcome in batch],
+            "now": None,
+        }
+
+    def _report(self, batch: list[Outcome], rows: list[tuple[Any, ...]]) -> None:
+        if len(rows) != len(batch):
+            recorded = {row[0] for row in rows}
+            for outcome in batch:
+                if outcome.job_id not in recorded:
+                    log.warning(
+                        "outcome %r of job %d (attempt %d) was not recorded: its lease was lost "
+                        "(the job was rescued, and may run again elsewhere)",
+                        outcome.kind, outcome.job_id, outcome.attempt,
+                    )
+        if self._on_recorded is not None:
+            self._on_recorded(batch, rows)

@@ -1,0 +1,94 @@
+"""One worker connection that reconnects by itself, and the backoff it waits with."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import Any
+
+import psycopg
+from psycopg.rows import tuple_row
+
+from .database import KEEPALIVES
+
+log = logging.getLogger("pgqueue")
+
+# Errors that mean "the database or the path to it went away", as opposed to a bug
+# in a statement: these are retried, everything else propagates.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    TimeoutError,
+    OSError,
+)
+
+
+class DatabaseUnavailable(Exception):
+    """The database could not be reached or the connection broke mid-call."""
+
+
+class Backoff:
+    """Exponential backoff with full jitter, reset after a success."""
+
+    def __init__(self, first: float = 0.1, cap: float = 10.0) -> None:
+        self.first = first
+        self.cap = cap
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        self.failures += 1
+        ceiling = min(self.cap, self.first * 2 ** min(self.failures - 1, 20))
+        return random.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class WorkerConnection:
+    """A dedicated autocommit connection for one role of a worker (claim, complete, ...).
+
+    psycopg-pool is not used here on purpose: a pool stops reconnecting after its
+    reconnect_timeout, while a worker must keep trying for as long as it lives, and
+    each role wants its own connection so a slow flush never delays a claim.
+    """
+
+    def __init__(self, dsn: str, role: str, timeout: float) -> None:
+        self.dsn = dsn
+        self.role = role
+        self.timeout = timeout
+        self._connection: psycopg.AsyncConnection[Any] | None = None
+
+    async def connect(self) -> psycopg.AsyncConnection[Any]:
+        if self._connection is None or self._connection.closed:
+            self._connection = await psycopg.AsyncConnection.connect(
+                self.dsn,
+                autocommit=True,
+                connect_timeout=max(1, int(self.timeout)),
+                application_name=f"pgqueue-{self.role}",
+                **KEEPALIVES,
+            )
+        return self._connection
+
+    async def fetch(self, statement: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """Run one statement and return its rows; DatabaseUnavailable if the link failed."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                connection = await self.connect()
+                cursor = connection.cursor(row_factory=tuple_row)
+                await cursor.execute(statement, params)
+                return await cursor.fetchall() if cursor.description is not None else []
+        except CONNECTION_ERRORS as error:
+            await self.discard()
+            raise DatabaseUnavailable(f"{type(error).__name__}: {error}".strip()) from error
+
+    async def discard(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.closed:
+            try:
+                await asyncio.wait_for(connection.close(), 1)
+            except (TimeoutError, *CONNECTION_ERRORS):
+                pass
+
+    async def close(self) -> None:
+        await self.discard()

@@ -1,0 +1,48 @@
+"""Finds the database: PGQUEUE_DSN when set, else an embedded cluster; checks DSNs early."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from .embedded import embedded_dsn
+from .errors import ConfigurationError
+from .settings import Settings
+
+# Worker connections must notice a silently dead peer (cut cable, lost VM) in seconds,
+# not after the kernel's two-hour default.
+KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+}
+
+
+def validate_dsn(dsn: str) -> str:
+    """Return `dsn` if libpq can parse it, else raise ConfigurationError saying why."""
+    try:
+        conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as error:
+        raise ConfigurationError(f"invalid database DSN {redact(dsn)!r}: {error}") from None
+    return dsn
+
+
+def redact(dsn: str) -> str:
+    """`dsn` without its password, for messages and logs."""
+    try:
+        parts = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "<unparseable DSN>"
+    if "password" in parts:
+        parts["password"] = "***"
+    return make_conninfo("", **parts)
+
+
+def resolve_dsn(settings: Settings) -> str:
+    """The DSN to use: `settings.dsn`, or an embedded cluster in `settings.data_dir`."""
+    if settings.dsn:
+        return validate_dsn(settings.dsn)
+    return embedded_dsn(settings.data_dir)

@@ -1,0 +1,39 @@
+"""Typed errors raised at pgqueue's edges, so callers can tell bad input from bad luck."""
+
+from __future__ import annotations
+
+
+class PgQueueError(Exception):
+    """Base class of every error pgqueue raises on purpose."""
+
+
+class InvalidJobError(PgQueueError, ValueError):
+    """A job was described wrongly: bad option, bad arguments, payload not JSON."""
+
+
+class UnknownTaskError(InvalidJobError, LookupError):
+    """The task name is not registered in the app."""
+
+
+class ConfigurationError(PgQueueError):
+    """A setting is wrong: bad DSN, bad import path, missing extra."""
+
+
+class SchemaError(PgQueueError):
+    """The database schema does not fit this version of pgqueue."""
+
+
+class SchemaNotMigratedError(SchemaError):
+    """The pgqueue schema is missing or older than this code: run `pgqueue migrate`."""
+
+
+class SchemaTooNewError(SchemaError):
+    """The database was migrated by a newer pgqueue than this one."""
+
+
+class MigrationChecksumError(SchemaError):
+    """A migration that was already applied has been edited since."""
+
+
+class JobNotFoundError(PgQueueError, LookupError):
+    """No job has that id."""

@@ -1,0 +1,115 @@
+"""Applies the numbered SQL migrations under an advisory lock, inside the caller's transaction.
+
+The logic lives once, in generators that yield statements and receive their rows
+(a sans-I/O core); `migrate` and `migrate_async` only carry the statements to the server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+
+from .errors import MigrationChecksumError, SchemaNotMigratedError, SchemaTooNewError
+from .plans import Plan, drive, drive_async
+from .sql import Migration, latest_version, migrations
+
+# Any fixed 64-bit number works; this one spells "pgqueue" in ASCII.
+_MIGRATION_LOCK_KEY = 0x706771756575
+
+_BOOTSTRAP = """
+create schema if not exists pgqueue;
+create table if not exists pgqueue.migrations (
+    version integer primary key,
+    name text not null,
+    checksum text not null,
+    applied_at timestamptz not null default now()
+)
+"""
+
+
+def _migration_plan(available: Sequence[Migration]) -> Plan[list[int]]:
+    # The transaction-scoped lock makes concurrent migrators queue up: the second one
+    # waits, then finds everything applied. Taking it before "create schema" matters,
+    # because two concurrent "create schema if not exists" can still collide.
+    yield "select pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,)
+    yield _BOOTSTRAP, None
+    rows = yield "select version, checksum from pgqueue.migrations order by version", ()
+    applied = {int(version): str(checksum) for version, checksum in rows or []}
+    known = {migration.version: migration for migration in available}
+    newest_known = max(known, default=0)
+    newer = [version for version in applied if version > newest_known]
+    if newer:
+        raise SchemaTooNewError(
+            f"the database has pgqueue migration {max(newer)} but this pgqueue only knows "
+            f"up to {newest_known}: upgrade pgqueue instead of migrating backwards"
+        )
+    for version, checksum in applied.items():
+        migration = known.get(version)
+        if migration is not None and migration.checksum != checksum:
+            raise MigrationChecksumError(
+                f"migration {version:04d}_{migration.name} was applied with checksum "
+                f"{checksum[:12]}… but the shipped file now has {migration.checksum[:12]}…: "
+                "released migrations must never be edited"
+            )
+    done: list[int] = []
+    for migration in available:
+        if migration.version in applied:
+            continue
+        yield migration.text, None
+        yield (
+            "insert into pgqueue.migrations (version, name, checksum) values (%s, %s, %s)",
+            (migration.version, migration.name, migration.checksum),
+        )
+        done.append(migration.version)
+    return done
+
+
+def migrate(connection: psycopg.Connection[Any]) -> list[int]:
+    """Apply pending migrations on `connection` and return the versions applied.
+
+    Runs inside the caller's transaction when one is open (as a savepoint), so the
+    schema change commits or rolls back with the caller's own work; otherwise in a
+    transaction of its own. Safe to call from many processes at once.
+    """
+    with connection.transaction():
+        return drive(connection, _migration_plan(migrations()))
+
+
+async def migrate_async(connection: psycopg.AsyncConnection[Any]) -> list[int]:
+    """The async twin of `migrate`: same plan, same transaction rules."""
+    async with connection.transaction():
+        return await drive_async(connection, _migration_plan(migrations()))
+
+
+def _version_plan() -> Plan[int]:
+    rows = yield "select to_regclass('pgqueue.migrations') is not null", ()
+    if not rows or not rows[0][0]:
+        raise SchemaNotMigratedError(
+            "this database has no pgqueue schema yet: run `pgqueue migrate` (or pgqueue.migrate(conn))"
+        )
+    rows = yield "select coalesce(max(version), 0) from pgqueue.migrations", ()
+    version = int(rows[0][0]) if rows else 0
+    expected = latest_version()
+    if version > expected:
+        raise SchemaTooNewError(
+            f"the database schema is at pgqueue migration {version}, newer than this code "
+            f"(which knows up to {expected}): upgrade pgqueue before starting workers"
+        )
+    if version < expected:
+        raise SchemaNotMigratedError(
+            f"the database schema is at pgqueue migration {version} but this code needs "
+            f"{expected}: run `pgqueue migrate`"
+        )
+    return version
+
+
+def check_schema(connection: psycopg.Connection[Any]) -> int:
+    """Raise unless the database schema is exactly the one this code was written for."""
+    return drive(connection, _version_plan())
+
+
+async def check_schema_async(connection: psycopg.AsyncConnection[Any]) -> int:
+    """The async twin of `check_schema`."""
+    return await drive_async(connection, _version_plan())

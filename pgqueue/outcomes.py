@@ -1,0 +1,25 @@
+"""Exceptions a handler raises to steer its job: retry later, or fail for good."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+
+class Retry(Exception):
+    """Raise in a handler to retry the job after `delay` seconds (counts as an attempt).
+
+    `raise Retry(delay=30)` or `raise Retry(timedelta(minutes=5), "rate limited")`.
+    When no attempts are left the job is dead-lettered like any other failure.
+    """
+
+    def __init__(self, delay: float | timedelta = 0.0, reason: str = "retry requested") -> None:
+        seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
+        if not seconds >= 0:
+            raise ValueError(f"Retry delay must be a non-negative number of seconds, got {delay!r}")
+        super().__init__(reason)
+        self.delay = seconds
+        self.reason = reason
+
+
+class Fail(Exception):
+    """Raise in a handler to fail the job permanently: no more retries, straight to the dead letter."""

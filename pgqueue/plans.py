@@ -1,0 +1,45 @@
+"""Runs sans-I/O plans: generators that yield (statement, params) and receive the rows back.
+
+Every operation that must exist both for `psycopg.Connection` and `AsyncConnection`
+is written once as a plan; these two small drivers are the only sync/async twins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from typing import Any, TypeVar
+
+import psycopg
+
+Rows = list[tuple[Any, ...]] | None
+Step = tuple[str, Sequence[Any] | dict[str, Any] | None]
+T = TypeVar("T")
+Plan = Generator[Step, Rows, T]
+
+
+def drive(connection: psycopg.Connection[Any], plan: Plan[T]) -> T:
+    """Run `plan` on a sync connection and return what it returns."""
+    rows: Rows = None
+    try:
+        while True:
+            statement, params = plan.send(rows)
+            cursor = connection.cursor(row_factory=psycopg.rows.tuple_row)
+            cursor.execute(statement, params)
+            rows = cursor.fetchall() if cursor.description is not None else None
+    except StopIteration as finished:
+        result: T = finished.value
+        return result
+
+
+async def drive_async(connection: psycopg.AsyncConnection[Any], plan: Plan[T]) -> T:
+    """Run `plan` on an async connection and return what it returns."""
+    rows: Rows = None
+    try:
+        while True:
+            statement, params = plan.send(rows)
+            cursor = connection.cursor(row_factory=psycopg.rows.tuple_row)
+            await cursor.execute(statement, params)
+            rows = await cursor.fetchall() if cursor.description is not None else None
+    except StopIteration as finished:
+        result: T = finished.value
+        return result

@@ -1,0 +1,126 @@
+"""Writes jobs: one at a time (one INSERT), or many at once (COPY), sync or async."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+
+from .errors import InvalidJobError
+from .models import JobOptions, validate_task_name
+from .plans import Plan, drive, drive_async
+from .sql import query
+
+# Payloads larger than this are refused at the edge: a job row is read on every claim,
+# and big blobs belong in a table of their own with the job carrying the key.
+MAX_ARGS_BYTES = 1_000_000
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    """A validated job, ready to be written."""
+
+    task: str
+    args_json: str
+    options: JobOptions
+
+    def params(self) -> dict[str, Any]:
+        options = self.options
+        return {
+            "task": self.task,
+            "args": self.args_json,
+            "queue": options.queue,
+            "priority": options.priority,
+            "run_at": options.run_at,
+            "delay": options.delay,
+            "max_attempts": options.max_attempts,
+            "timeout_seconds": options.timeout,
+            "backoff": options.retry.kind,
+            "backoff_base_seconds": options.retry.base,
+            "backoff_max_seconds": options.retry.max,
+            "backoff_jitter": options.retry.jitter,
+        }
+
+
+def encode_args(task: str, args: dict[str, Any]) -> str:
+    """Serialise a job's arguments, or say exactly why they cannot be stored."""
+    try:
+        text = json.dumps(args, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as error:
+        raise InvalidJobError(
+            f"arguments of task {task!r} must be JSON-serialisable: {error}"
+        ) from None
+    if len(text) > MAX_ARGS_BYTES:
+        raise InvalidJobError(
+            f"arguments of task {task!r} are {len(text)} bytes of JSON; the limit is "
+            f"{MAX_ARGS_BYTES}: store large data elsewhere and pass its key"
+        )
+    return text
+
+
+def prepare(task: str, args: dict[str, Any], options: JobOptions) -> PreparedJob:
+    """Validate and serialise one job."""
+    return PreparedJob(validate_task_name(task), encode_args(task, args), options)
+
+
+def _insert_plan(job: PreparedJob) -> Plan[int]:
+    rows = yield query("insert_job"), job.params()
+    assert rows
+    return int(rows[0][0])
+
+
+def insert(connection: psycopg.Connection[Any], job: PreparedJob) -> int:
+    """Insert one job on `connection`, in whatever transaction it has open."""
+    return drive(connection, _insert_plan(job))
+
+
+async def insert_async(connection: psycopg.AsyncConnection[Any], job: PreparedJob) -> int:
+    """The async twin of `insert`."""
+    return await drive_async(connection, _insert_plan(job))
+
+
+def _copy_rows(
+    jobs: Sequence[PreparedJob], reserved: list[tuple[Any, ...]]
+) -> Iterator[tuple[Any, ...]]:
+    for job, (job_id, now) in zip(jobs, reserved, strict=True):
+        options = job.options
+        run_at: datetime = options.run_at or now + timedelta(seconds=options.delay)
+        yield (
+            job_id, job.task, job.args_json, options.queue, options.priority, run_at,
+            options.max_attempts, options.timeout, options.retry.kind, options.retry.base,
+            options.retry.max, options.retry.jitter,
+        )
+
+
+def insert_many(connection: psycopg.Connection[Any], jobs: Sequence[PreparedJob]) -> list[int]:
+    """Write many jobs with one COPY; returns their ids in order.
+
+    The ids are reserved first (one round trip) because COPY returns none.
+    """
+    if not jobs:
+        return []
+    with connection.transaction():
+        reserved = connection.execute(query("reserve_ids"), {"count": len(jobs)}).fetchall()
+        with connection.cursor().copy(query("copy_jobs")) as copy:
+            for row in _copy_rows(jobs, reserved):
+                copy.write_row(row)
+    return [int(row[0]) for row in reserved]
+
+
+async def insert_many_async(
+    connection: psycopg.AsyncConnection[Any], jobs: Sequence[PreparedJob]
+) -> list[int]:
+    """The async twin of `insert_many`."""
+    if not jobs:
+        return []
+    async with connection.transaction():
+        cursor = await connection.execute(query("reserve_ids"), {"count": len(jobs)})
+        reserved = await cursor.fetchall()
+        async with connection.cursor().copy(query("copy_jobs")) as copy:
+            for row in _copy_rows(jobs, reserved):
+                await copy.write_row(row)
+    return [int(row[0]) for row in reserved]

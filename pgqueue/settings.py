@@ -1,0 +1,54 @@
+"""Settings from PGQUEUE_* environment variables and a .env file (CLI flags override)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything a producer or worker can be told; build it once at the entry point."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PGQUEUE_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    dsn: str | None = Field(
+        default=None,
+        description="libpq connection string or URI; unset starts an embedded Postgres",
+    )
+    data_dir: Path = Field(
+        default=Path(".pgqueue/postgres"),
+        description="data directory of the embedded Postgres used when no DSN is set",
+    )
+    app: str | None = Field(default=None, description="default module:attribute of the app")
+    queues: Annotated[list[str] | None, NoDecode] = Field(
+        default=None, description="queues a worker serves (comma-separated); default: its tasks' queues"
+    )
+    concurrency: int = Field(default=10, ge=1, le=10_000)
+    listen: bool = Field(default=True, description="wake on LISTEN/NOTIFY; false polls only")
+    poll_interval: float = Field(default=1.0, gt=0, description="seconds between polls when idle")
+    lease_seconds: float = Field(
+        default=30.0, gt=0, description="a running job is rescued this long after its last heartbeat"
+    )
+    rescue_interval: float = Field(default=5.0, gt=0, description="seconds between rescue sweeps")
+    shutdown_grace: float = Field(
+        default=30.0, ge=0, description="seconds running jobs get to finish after SIGTERM/SIGINT"
+    )
+    pool_size: int = Field(default=4, ge=1, description="connections in the app's producer pool")
+    statement_timeout: float = Field(
+        default=30.0, gt=0, description="seconds a worker waits on one database call before reconnecting"
+    )
+    reconnect_max_delay: float = Field(default=10.0, gt=0, description="cap of reconnect backoff")
+
+    @field_validator("queues", mode="before")
+    @classmethod
+    def _split_queues(cls, value: object) -> object:
+        # PGQUEUE_QUEUES=emails,reports reads as a list, like --queues on the command line
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()] or None
+        return value

@@ -1,0 +1,505 @@
+"""The worker: wake, claim a batch sized to free slots, run, record outcomes in batches.
+
+One asyncio loop per process. Async handlers run on the loop, sync ones in a thread
+pool, CPU-bound ones in a process pool. Four connections, one per role: claim,
+complete (group commit), maintenance (heartbeat and rescue), and LISTEN. Every one
+of them reconnects with backoff for as long as the worker lives: a database restart
+or a network cut pauses the worker, it never ends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import functools
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+
+from .app import App
+from .completer import Completer, Outcome
+from .connection import CONNECTION_ERRORS, Backoff, DatabaseUnavailable, WorkerConnection
+from .context import JobContext, _current
+from .database import KEEPALIVES
+from .errors import SchemaError
+from .migrate import check_schema_async
+from .models import NAME_PATTERN
+from .outcomes import Fail, Retry
+from .settings import Settings
+from .sql import query
+from .tasks import Task, run_in_process
+
+log = logging.getLogger("pgqueue")
+
+CHANNEL = "pgqueue_jobs"
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A job this worker holds the lease of."""
+
+    id: int
+    task: str
+    args: dict[str, Any]
+    queue: str
+    priority: int
+    attempt: int
+    max_attempts: int
+    timeout_seconds: float | None
+    run_at: datetime
+    created_at: datetime
+
+
+class Worker:
+    """Runs the tasks of `app` from the given queues until stopped.
+
+    `worker.run()` blocks (and handles SIGTERM/SIGINT); `await worker.run_async()`
+    runs inside an existing loop. With `burst=True` it stops once its queues are
+    empty and nothing is running.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        queues: list[str] | None = None,
+        concurrency: int | None = None,
+        listen: bool | None = None,
+        burst: bool = False,
+        settings: Settings | None = None,
+        worker_id: str | None = None,
+        install_signal_handlers: bool = True,
+    ) -> None:
+        self.app = app
+        self.settings = settings or app.settings
+        self.queues = list(queues or self.settings.queues or app.queues())
+        for queue in self.queues:
+            if not NAME_PATTERN.match(queue):
+                raise ValueError(f"invalid queue name {queue!r}")
+        self.concurrency = concurrency or self.settings.concurrency
+        if self.concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.listen = self.settings.listen if listen is None else listen
+        self.burst = burst
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.install_signal_handlers = install_signal_handlers
+        self.jobs_done = 0
+        self._running: dict[int, tuple[ClaimedJob, asyncio.Task[None]]] = {}
+        self._stopping = False
+        self._forced = False
+        self._releasing = False
+        self._threads: concurrent.futures.ThreadPoolExecutor | None = None
+        self._processes: concurrent.futures.ProcessPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._force_event: asyncio.Event | None = None
+        self._slot_freed: asyncio.Event | None = None
+        self._on_recorded: list[Callable[[list[Outcome], list[tuple[Any, ...]]], None]] = []
+        self.started = threading.Event()
+
+    # -- control ------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Run until stopped by a signal, by `stop()`, or (burst) until the queues are empty."""
+        asyncio.run(self.run_async())
+
+    def stop(self, force: bool = False) -> None:
+        """Ask the worker to stop (thread-safe). `force` skips the grace period."""
+        loop = self._loop
+        if loop is None:
+            self._stopping = True
+            return
+        loop.call_soon_threadsafe(self._request_stop, force)
+
+    def _request_stop(self, force: bool = False) -> None:
+        assert self._stop_event and self._force_event and self._wake
+        if self._stopping and not force:
+            force = True  # a second request forces
+        if not self._stopping:
+            log.info(
+                "worker %s stopping: no new jobs; %d running job(s) get %.0fs to finish "
+                "(signal again to force)",
+                self.worker_id, len(self._running), self.settings.shutdown_grace,
+            )
+        self._stopping = True
+        self._stop_event.set()
+        self._wake.set()
+        if force and not self._forced:
+            log.warning("worker %s forced to stop: releasing %d running job(s)",
+                        self.worker_id, len(self._running))
+            self._forced = True
+            self._force_event.set()
+
+    def on_recorded(self, callback: Callable[[list[Outcome], list[tuple[Any, ...]]], None]) -> None:
+        """Call `callback(outcomes, rows)` after each batch of outcomes is written (for tests)."""
+        self._on_recorded.append(callback)
+
+    # -- main ---------------------------------------------------------------------
+
+    async def run_async(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._stop_event = asyncio.Event()
+        self._force_event = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        if self._stopping:
+            self._stop_event.set()
+        signals_installed = self._install_signals()
+        dsn = self.app.dsn
+        timeout = self.settings.statement_timeout
+        self._claimer = WorkerConnection(dsn, "claim", timeout)
+        self._maintainer = WorkerConnection(dsn, "maintenance", timeout)
+        completer_connection = WorkerConnection(dsn, "complete", timeout)
+        self._completer = Completer(
+            completer_connection, self.worker_id, self.settings.reconnect_max_delay,
+            on_recorded=self._recorded,
+        )
+        self._threads = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.concurrency, thread_name_prefix="pgqueue-job"
+        )
+        background: list[asyncio.Task[None]] = []
+        try:
+            if not await self._wait_for_schema():
+                return
+            log.info(
+                "worker %s started: queues %s, concurrency %d, %s",
+                self.worker_id, ",".join(self.queues), self.concurrency,
+                "LISTEN/NOTIFY with polling fallback" if self.listen else "polling only",
+            )
+            if self.listen:
+                background.append(asyncio.create_task(self._listen_loop()))
+            background.append(asyncio.create_task(self._maintenance_loop()))
+            self.started.set()
+            await self._claim_loop()
+            await self._shutdown()
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            for connection in (self._claimer, self._maintainer, completer_connection):
+                await connection.close()
+            self._threads.shutdown(wait=False, cancel_futures=True)
+            if self._processes is not None:
+                self._processes.shutdown(wait=False, cancel_futures=True)
+            if signals_installed:
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    self._loop.remove_signal_handler(signum)
+            log.info("worker %s stopped after %d job(s)", self.worker_id, self.jobs_done)
+
+    def _install_signals(self) -> bool:
+        if not self.install_signal_handlers or threading.current_thread() is not threading.main_thread():
+            return False
+        assert self._loop
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(signum, self._request_stop)
+        return True
+
+    async def _wait_for_schema(self) -> bool:
+        """Connect (retrying while the database is unreachable) and check the schema version."""
+        backoff = Backoff(cap=self.settings.reconnect_max_delay)
+        while not self._stopping:
+            try:
+                connection = await self._claimer.connect()
+                await check_schema_async(connection)
+                return True
+            except SchemaError:
+                raise
+            except CONNECTION_ERRORS as error:
+                await self._claimer.discard()
+                delay = backoff.next_delay()
+                log.warning(
+                    "database unreachable (%s: %s); retrying in %.1fs",
+                    type(error).__name__, str(error).strip(), delay,
+                )
+                await self._sleep(delay)
+        return False
+
+    async def _claim_loop(self) -> None:
+        assert self._wake and self._slot_freed
+        backoff = Backoff(cap=self.settings.reconnect_max_delay)
+        params: dict[str, Any] = {
+            "worker": self.worker_id, "queues": self.queues,
+            "lease_seconds": self.settings.lease_seconds, "now": None,
+        }
+        while not self._stopping:
+            free = self.concurrency - len(self._running)
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._wait_any(self._slot_freed)
+                continue
+            self._wake.clear()
+            params["limit"] = free
+            try:
+                rows = await self._claimer.fetch(query("claim_jobs"), params)
+            except DatabaseUnavailable as error:
+                delay = backoff.next_delay()
+                log.warning("could not claim jobs, database unavailable (%s); retrying in %.1fs",
+                            error, delay)
+                await self._sleep(delay)
+                continue
+            if backoff.failures:
+                log.info("database reachable again; claiming jobs")
+            backoff.reset()
+            for row in rows:
+                self._start(ClaimedJob(*row))
+            if len(rows) == free:
+                continue
+            wait = self.settings.poll_interval
+            if not rows:
+                if self.burst and not self._running:
+                    await self._completer.wait_idle()  # a failure may requeue its job
+                    if await self._next_due_in() is None:
+                        log.info("worker %s: queues empty, burst mode ends", self.worker_id)
+                        return
+                due_in = await self._next_due_in()
+                if due_in is not None:
+                    wait = max(0.0, min(wait, due_in))
+            await self._wait_any(self._wake, timeout=wait)
+
+    async def _next_due_in(self) -> float | None:
+        """Seconds until the next queued job of our queues falls due, None if there is none."""
+        try:
+            rows = await self._claimer.fetch(query("next_due_in"), {"queues": self.queues})
+        except DatabaseUnavailable:
+            return self.settings.poll_interval
+        value = rows[0][0] if rows else None
+        return None if value is None else float(value)
+
+    async def _wait_any(self, event: asyncio.Event, timeout: float | None = None) -> None:
+        assert self._stop_event
+        waiters = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(self._stop_event.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    async def _sleep(self, seconds: float) -> None:
+        assert self._stop_event
+        try:
+            await asyncio.wait_for(self._stop_event.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    # -- running jobs ---------------------------------------------------------------
+
+    def _start(self, job: ClaimedJob) -> None:
+        task = asyncio.create_task(self._execute(job), name=f"pgqueue-job-{job.id}")
+        self._running[job.id] = (job, task)
+
+    async def _execute(self, job: ClaimedJob) -> None:
+        outcome: Outcome
+        context = JobContext(job.id, job.task, job.queue, job.attempt, job.max_attempts, self.worker_id)
+        token = _current.set(context)
+        started = time.monotonic()
+        try:
+            outcome = await self._attempt(job)
+        finally:
+            _current.reset(token)
+            self._running.pop(job.id, None)
+            assert self._slot_freed
+            self._slot_freed.set()
+        log.debug("job %d %s: %s in %.3fs", job.id, job.task, outcome.kind, time.monotonic() - started)
+        self.jobs_done += 1
+        self._completer.add(outcome)
+
+    async def _attempt(self, job: ClaimedJob) -> Outcome:
+        task = self.app.tasks.get(job.task)
+        if task is None:
+            return self._failure(
+                job, "fatal", "unknown_task",
+                f"UnknownTaskError: task {job.task!r} is not registered in this worker's app "
+                f"(it registers {sorted(self.app.tasks)})",
+            )
+        try:
+            args, kwargs = task.call_arguments(job.args)
+        except TypeError as error:
+            return self._failure(
+                job, "fatal", "bad_arguments",
+                f"InvalidJobError: stored arguments do not fit task {job.task!r}: {error}",
+            )
+        timeout = job.timeout_seconds
+        try:
+            async with asyncio.timeout(timeout) as deadline:
+                result = await self._call(task, job, args, kwargs)
+        except Retry as request:
+            return self._failure(job, "retry", "retry", f"Retry: {request.reason}", retry_in=request.delay)
+        except Fail as failure:
+            return self._failure(job, "fatal", "fail", _describe(failure), traceback.format_exc())
+        except TimeoutError:
+            if deadline.expired():
+                return self._failure(
+                    job, "failed", "timeout",
+                    f"TimeoutError: job ran longer than its timeout of {timeout:g}s and was stopped",
+                )
+            return self._failure(job, "failed", "exception", "TimeoutError", traceback.format_exc())
+        except asyncio.CancelledError:
+            if self._releasing:
+                return Outcome(job.id, job.attempt, "released", error={
+                    "kind": "released", "error": "worker shut down before the job finished; requeued",
+                    "traceback": None,
+                })
+            raise
+        except Exception as error:
+            return self._failure(job, "failed", "exception", _describe(error), traceback.format_exc())
+        try:
+            result_json = json.dumps(result, allow_nan=False)
+        except (TypeError, ValueError) as error:
+            return self._failure(
+                job, "fatal", "bad_result",
+                f"InvalidResultError: the handler's return value is not JSON-serialisable: {error}",
+            )
+        return Outcome(job.id, job.attempt, "succeeded", result_json=result_json)
+
+    async def _call(
+        self, task: Task[..., Any], job: ClaimedJob, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        if task.executor == "async":
+            return await task.function(*args, **kwargs)
+        loop = asyncio.get_running_loop()
+        if task.executor == "thread":
+            assert self._threads
+            context = contextvars.copy_context()
+            call = functools.partial(context.run, task.function, *args, **kwargs)
+            return await loop.run_in_executor(self._threads, call)
+        if self._processes is None:
+            self._processes = concurrent.futures.ProcessPoolExecutor(max_workers=os.cpu_count())
+        module = task.function.__module__
+        return await loop.run_in_executor(
+            self._processes, run_in_process, module, _attribute_path(task), job.args
+        )
+
+    def _failure(
+        self,
+        job: ClaimedJob,
+        kind: Any,
+        error_kind: str,
+        message: str,
+        trace: str | None = None,
+        retry_in: float | None = None,
+    ) -> Outcome:
+        if kind != "retry":
+            log.warning("job %d %s attempt %d/%d failed: %s", job.id, job.task, job.attempt,
+                        job.max_attempts, message)
+        return Outcome(
+            job.id, job.attempt, kind,
+            error={"kind": error_kind, "error": message, "traceback": trace},
+            retry_in=retry_in,
+        )
+
+    def _recorded(self, outcomes: list[Outcome], rows: list[tuple[Any, ...]]) -> None:
+        for callback in self._on_recorded:
+            callback(outcomes, rows)
+
+    # -- background loops -------------------------------------------------------------
+
+    async def _listen_loop(self) -> None:
+        assert self._wake
+        backoff = Backoff(cap=self.settings.reconnect_max_delay)
+        served = set(self.queues)
+        while True:
+            try:
+                connection = await psycopg.AsyncConnection.connect(
+                    self.app.dsn, autocommit=True, application_name="pgqueue-listen",
+                    connect_timeout=max(1, int(self.settings.statement_timeout)), **KEEPALIVES,
+                )
+                async with connection:
+                    await connection.execute(f"listen {CHANNEL}")
+                    if backoff.failures:
+                        log.info("LISTEN connection back")
+                    backoff.reset()
+                    self._wake.set()  # notifications sent while we were away are lost: look now
+                    async for notification in connection.notifies():
+                        if notification.payload in served:
+                            self._wake.set()
+            except CONNECTION_ERRORS as error:
+                delay = backoff.next_delay()
+                log.warning("LISTEN connection lost (%s); polling every %.1fs meanwhile, "
+                            "reconnecting in %.1fs", error, self.settings.poll_interval, delay)
+                await asyncio.sleep(delay)
+
+    async def _maintenance_loop(self) -> None:
+        """Heartbeat the leases of running jobs; now and then rescue other workers' expired jobs."""
+        lease = self.settings.lease_seconds
+        beat = max(0.05, lease / 3)
+        rescue_every = min(self.settings.rescue_interval, lease)
+        next_rescue = time.monotonic()
+        while True:
+            held = [*self._running, *self._completer.unrecorded_ids()]
+            if held:
+                try:
+                    await self._maintainer.fetch(
+                        query("heartbeat"),
+                        {"worker": self.worker_id, "ids": held, "lease_seconds": lease, "now": None},
+                    )
+                except DatabaseUnavailable as error:
+                    log.warning("heartbeat failed (%s): leases of %d job(s) not extended",
+                                error, len(held))
+            if time.monotonic() >= next_rescue and not self._stopping:
+                next_rescue = time.monotonic() + rescue_every
+                try:
+                    rescued = await self._maintainer.fetch(query("rescue_expired_jobs"), {"now": None})
+                except DatabaseUnavailable:
+                    rescued = []
+                for job_id, state in rescued:
+                    log.warning("job %d's lease expired (its worker died or lost the database): %s",
+                                job_id, "requeued" if state == "queued" else "dead-lettered")
+            await asyncio.sleep(beat)
+
+    # -- shutdown -------------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        assert self._force_event
+        tasks = [task for _, task in self._running.values()]
+        if tasks and not self._forced:
+            force = asyncio.ensure_future(self._force_event.wait())
+            await _wait_all_or(tasks, force, self.settings.shutdown_grace)
+            force.cancel()
+        leftover = [task for _, task in self._running.values()]
+        if leftover:
+            log.warning("releasing %d job(s) that did not finish in time", len(leftover))
+            self._releasing = True
+            for task in leftover:
+                task.cancel()
+            await asyncio.gather(*leftover, return_exceptions=True)
+        # Record every outcome before leaving; when forced, give it a few seconds only:
+        # what stays unrecorded is rescued when its lease expires.
+        while not await self._completer.wait_idle(timeout=1.0):
+            if self._forced:
+                if not await self._completer.wait_idle(timeout=5.0):
+                    self._completer.abandon = True
+                    log.error("leaving %s unrecorded outcome(s) to be rescued after their leases",
+                              len(self._completer.unrecorded_ids()))
+                break
+
+
+async def _wait_all_or(tasks: list[asyncio.Task[None]], force: asyncio.Future[Any], timeout: float) -> None:
+    """Wait for all `tasks`, until `timeout`, or until `force` completes."""
+    everything = asyncio.ensure_future(asyncio.wait(tasks))
+    try:
+        await asyncio.wait([everything, force], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        everything.cancel()
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _attribute_path(task: Task[..., Any]) -> str:
+    return task.function.__qualname__

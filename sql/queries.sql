@@ -1,0 +1,92 @@
+-- Named queries the Python side runs. Each block starts with "-- name: NAME" and a
+-- one-line description; pgqueue/sql.py splits the file into a dict at import.
+-- Values are always bound parameters (%(name)s); identifiers never vary.
+
+-- name: insert_job
+-- Insert one job (the enqueue hot path: one statement, one round trip).
+insert into pgqueue.jobs (
+    task, args, queue, priority, run_at, max_attempts, timeout_seconds,
+    backoff, backoff_base_seconds, backoff_max_seconds, backoff_jitter
+) values (
+    %(task)s, %(args)s::jsonb, %(queue)s, %(priority)s,
+    coalesce(%(run_at)s::timestamptz, now()) + make_interval(secs => %(delay)s::double precision),
+    %(max_attempts)s, %(timeout_seconds)s::double precision,
+    %(backoff)s::pgqueue.backoff_kind, %(backoff_base_seconds)s::double precision,
+    %(backoff_max_seconds)s::double precision, %(backoff_jitter)s::real
+) returning id
+
+-- name: reserve_ids
+-- Reserve ids for a bulk COPY, so bulk enqueue can return them.
+select nextval(pg_get_serial_sequence('pgqueue.jobs', 'id')), now()
+from generate_series(1, %(count)s)
+
+-- name: copy_jobs
+-- COPY target for bulk enqueue.
+copy pgqueue.jobs (
+    id, task, args, queue, priority, run_at, max_attempts, timeout_seconds,
+    backoff, backoff_base_seconds, backoff_max_seconds, backoff_jitter
+) from stdin
+
+-- name: claim_jobs
+-- Claim a batch of due jobs for this worker (FOR UPDATE SKIP LOCKED inside).
+select id, task, args, queue, priority, attempt, max_attempts, timeout_seconds, run_at, created_at
+from pgqueue.claim_jobs(%(worker)s, %(queues)s, %(limit)s, %(lease_seconds)s, %(now)s)
+
+-- name: complete_jobs
+-- Record a batch of outcomes in one statement.
+select id, state, run_at from pgqueue.complete_jobs(
+    %(worker)s, %(ids)s, %(attempts)s, %(outcomes)s, %(results)s::jsonb[], %(errors)s::jsonb[],
+    %(retry_in)s::double precision[], %(now)s)
+
+-- name: heartbeat
+-- Extend the leases of this worker's running jobs; returns the ids it still holds.
+select pgqueue.heartbeat(%(worker)s, %(ids)s, %(lease_seconds)s, %(now)s)
+
+-- name: rescue_expired_jobs
+-- Requeue (or dead-letter) jobs whose lease expired.
+select id, state from pgqueue.rescue_expired_jobs(%(now)s)
+
+-- name: next_due_in
+-- Seconds until the next queued job of these queues falls due (lets an idle worker sleep
+-- exactly), null when none is queued. Database time, so worker clocks may drift.
+select extract(epoch from min(run_at) - now())::double precision
+from pgqueue.jobs where state = 'queued' and queue = any(%(queues)s)
+
+-- name: get_job
+-- One job by id.
+select id, task, args, queue, priority, state, attempt, max_attempts, run_at, timeout_seconds,
+       worker, lease_expires_at, created_at, started_at, finished_at, result, errors
+from pgqueue.jobs where id = %(id)s
+
+-- name: cancel_job
+-- Cancel a queued job.
+select pgqueue.cancel_job(%(id)s)
+
+-- name: retry_job
+-- Requeue a dead or cancelled job.
+select pgqueue.retry_job(%(id)s)
+
+-- name: job_state
+-- State of one job, or nothing.
+select state from pgqueue.jobs where id = %(id)s
+
+-- name: status_counts
+-- Jobs per queue and state; queued jobs not yet due count as 'scheduled'.
+select queue,
+       case when state = 'queued' and run_at > now() then 'scheduled' else state::text end as state,
+       count(*) as jobs,
+       min(run_at) filter (where state = 'queued' and run_at <= now()) as oldest_due
+from pgqueue.jobs
+group by 1, 2
+order by 1, 2
+
+-- name: dead_jobs
+-- The dead letter, newest first.
+select id, task, queue, attempt, finished_at, errors -> -1 ->> 'error' as last_error
+from pgqueue.jobs where state = 'dead'
+order by finished_at desc nulls last, id desc
+limit %(limit)s
+
+-- name: schema_version
+-- The newest migration applied, or null.
+select max(version) from pgqueue.migrations
