@@ -98,6 +98,12 @@ class App:
                 raise ValueError(f"task {task_name!r}: executor 'async' needs an async def function")
             if chosen in ("thread", "process") and inspect.iscoroutinefunction(target):
                 raise ValueError(f"task {task_name!r}: executor {chosen!r} needs a plain def function")
+            if chosen == "process" and "<locals>" in target.__qualname__:
+                # the child process finds the function again by import path
+                raise ValueError(
+                    f"task {task_name!r}: executor 'process' needs a function defined at module "
+                    "level, so the process pool can import it"
+                )
             created: Task[..., Any] = Task(self, task_name, target, options, chosen)
             self.tasks[task_name] = created
             return created

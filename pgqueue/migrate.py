@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 
 from .errors import MigrationChecksumError, SchemaNotMigratedError, SchemaTooNewError
-from .plans import Plan, drive, drive_async
+from .plans import Plan, atomic, atomic_async, drive, drive_async
 from .sql import Migration, latest_version, migrations
 
 # Any fixed 64-bit number works; this one spells "pgqueue" in ASCII.
@@ -73,13 +73,13 @@ def migrate(connection: psycopg.Connection[Any]) -> list[int]:
     schema change commits or rolls back with the caller's own work; otherwise in a
     transaction of its own. Safe to call from many processes at once.
     """
-    with connection.transaction():
+    with atomic(connection):
         return drive(connection, _migration_plan(migrations()))
 
 
 async def migrate_async(connection: psycopg.AsyncConnection[Any]) -> list[int]:
     """The async twin of `migrate`: same plan, same transaction rules."""
-    async with connection.transaction():
+    async with atomic_async(connection):
         return await drive_async(connection, _migration_plan(migrations()))
 
 

@@ -7,9 +7,11 @@ is written once as a plan; these two small drivers are the only sync/async twins
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, nullcontext
 from typing import Any, TypeVar
 
 import psycopg
+from psycopg.pq import TransactionStatus
 
 Rows = list[tuple[Any, ...]] | None
 Step = tuple[str, Sequence[Any] | dict[str, Any] | None]
@@ -43,3 +45,23 @@ async def drive_async(connection: psycopg.AsyncConnection[Any], plan: Plan[T]) -
     except StopIteration as finished:
         result: T = finished.value
         return result
+
+
+def atomic(connection: psycopg.Connection[Any]) -> AbstractContextManager[Any]:
+    """A block that is all-or-nothing and never commits the caller's own transaction.
+
+    On an autocommit connection: a transaction of its own. Inside an open transaction:
+    a savepoint. On an idle non-autocommit connection psycopg's `transaction()` would
+    commit at the end of the block, so nothing is wrapped: the statements open the
+    caller's implicit transaction, which the caller commits or rolls back.
+    """
+    if not connection.autocommit and connection.info.transaction_status == TransactionStatus.IDLE:
+        return nullcontext()
+    return connection.transaction()
+
+
+def atomic_async(connection: psycopg.AsyncConnection[Any]) -> AbstractAsyncContextManager[Any]:
+    """The async twin of `atomic`."""
+    if not connection.autocommit and connection.info.transaction_status == TransactionStatus.IDLE:
+        return nullcontext()
+    return connection.transaction()

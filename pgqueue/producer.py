@@ -12,7 +12,7 @@ import psycopg
 
 from .errors import InvalidJobError
 from .models import JobOptions, validate_task_name
-from .plans import Plan, drive, drive_async
+from .plans import Plan, atomic, atomic_async, drive, drive_async
 from .sql import query
 
 # Payloads larger than this are refused at the edge: a job row is read on every claim,
@@ -103,7 +103,7 @@ def insert_many(connection: psycopg.Connection[Any], jobs: Sequence[PreparedJob]
     """
     if not jobs:
         return []
-    with connection.transaction():
+    with atomic(connection):
         reserved = connection.execute(query("reserve_ids"), {"count": len(jobs)}).fetchall()
         with connection.cursor().copy(query("copy_jobs")) as copy:
             for row in _copy_rows(jobs, reserved):
@@ -117,7 +117,7 @@ async def insert_many_async(
     """The async twin of `insert_many`."""
     if not jobs:
         return []
-    async with connection.transaction():
+    async with atomic_async(connection):
         cursor = await connection.execute(query("reserve_ids"), {"count": len(jobs)})
         reserved = await cursor.fetchall()
         async with connection.cursor().copy(query("copy_jobs")) as copy:

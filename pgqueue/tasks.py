@@ -88,6 +88,9 @@ class Task(Generic[P, R]):
 
     def call_arguments(self, stored: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Rebuild (args, kwargs) from stored arguments; TypeError when they do not fit."""
+        unexpected = sorted(set(stored) - set(self.signature.parameters))
+        if unexpected:
+            raise TypeError(f"unexpected argument(s) {', '.join(unexpected)}")
         bound = inspect.BoundArguments(self.signature, OrderedDict(stored))
         self.signature.bind(*bound.args, **bound.kwargs)  # raises TypeError on a mismatch
         return bound.args, bound.kwargs

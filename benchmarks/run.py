@@ -1,0 +1,758 @@
+#!/usr/bin/env python
+"""pgqueue benchmarks, each next to the raw-SQL ceiling of the same server.
+
+    python benchmarks/run.py            # full run (a few minutes)
+    python benchmarks/run.py --quick    # smoke test for CI (< 60 s)
+
+Creates its own database (pgqueue_bench_<random>), migrates it, and drops it at the
+end, also on failure or Ctrl-C. See benchmarks/README.md for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # `benchmarks.tasks` must import when run as a script
+
+import psycopg  # noqa: E402
+from psycopg.conninfo import conninfo_to_dict, make_conninfo  # noqa: E402
+
+import pgqueue  # noqa: E402
+from benchmarks import tasks as bench  # noqa: E402
+
+DEFAULT_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+RESULTS_DIR = ROOT / "benchmarks" / "results"  # git-ignored
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    single_seconds: float  # single enqueue: how long each side runs
+    bulk_jobs: int  # jobs in the one enqueue_many call
+    drain_jobs: int  # jobs pre-filled for each drain run
+    drain_procs: tuple[int, ...]
+    concurrencies: tuple[int, ...]  # tried for each process count; the best is reported
+    pgbench_seconds: int
+    latency_seconds: float
+    latency_warmup_seconds: float
+    latency_rate: float = 200.0
+
+
+FULL = Config("full", 5.0, 100_000, 50_000, (1, 2), (50, 100, 200), 10, 10.0, 1.0)
+QUICK = Config("quick", 2.0, 20_000, 10_000, (1, 2), (100,), 3, 3.0, 0.5)
+
+
+# -- small helpers ------------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def with_dbname(dsn: str, dbname: str) -> str:
+    parts = conninfo_to_dict(dsn)
+    parts["dbname"] = dbname
+    return make_conninfo("", **parts)
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of an already sorted list."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(1, min(len(sorted_values), round(fraction * len(sorted_values) + 0.5)))
+    return sorted_values[rank - 1]
+
+
+def rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.0f} jobs/s"
+
+
+def ratio(numerator: float | None, denominator: float | None) -> str:
+    if not numerator or not denominator:
+        return "n/a"
+    return f"{100 * numerator / denominator:.0f}%"
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _raise_interrupted(signum: int, _frame: Any) -> None:
+    raise Interrupted(f"signal {signum}")
+
+
+# -- the database under test --------------------------------------------------------------
+
+
+@contextmanager
+def bench_database(tmpdir: Path) -> Iterator[tuple[str, str]]:
+    """Yield (bench DSN, where the admin DSN came from); the database is dropped afterwards."""
+    admin, source = None, None
+    for variable in ("PGQUEUE_DSN", "PGQUEUE_TEST_DSN"):
+        if os.environ.get(variable):
+            admin, source = os.environ[variable], variable
+            break
+    if admin is None:
+        try:
+            psycopg.connect(DEFAULT_ADMIN_DSN, connect_timeout=3).close()
+            admin, source = DEFAULT_ADMIN_DSN, "default DSN"
+        except psycopg.OperationalError as error:
+            log(f"no server at {DEFAULT_ADMIN_DSN} ({str(error).strip()}); starting an embedded one")
+            from pgqueue.embedded import embedded_dsn
+
+            admin, source = embedded_dsn(tmpdir / "embedded"), "embedded PostgreSQL"
+    name = f"pgqueue_bench_{secrets.token_hex(4)}"
+    with psycopg.connect(admin, autocommit=True) as connection:
+        connection.execute(f'create database "{name}"')
+    log(f"created database {name} (admin DSN from {source})")
+    try:
+        yield with_dbname(admin, name), source
+    finally:
+        with psycopg.connect(admin, autocommit=True) as connection:
+            connection.execute(f'drop database if exists "{name}" with (force)')
+        log(f"dropped database {name}")
+
+
+class Bench:
+    """The state shared by the benchmark phases."""
+
+    def __init__(self, dsn: str, config: Config, tmpdir: Path) -> None:
+        self.dsn = dsn
+        self.config = config
+        self.tmpdir = tmpdir
+        self.admin = psycopg.connect(dsn, autocommit=True)
+        self.pgbench = find_pgbench()
+        self.children: list[subprocess.Popen[bytes]] = []
+        self.results: dict[str, Any] = {}
+        self.errors: dict[str, str] = {}
+
+    # -- table handling ------------------------------------------------------------
+
+    def reset(self) -> None:
+        """An empty jobs table, WAL flushed: every measured phase starts from the same state."""
+        self.admin.execute("truncate pgqueue.jobs")
+        self.checkpoint()
+
+    def checkpoint(self) -> None:
+        try:
+            self.admin.execute("checkpoint")
+        except psycopg.Error:  # not a superuser: checkpoints stay where the server puts them
+            pass
+
+    def fill(self, count: int, queue: str = bench.NOOP_QUEUE) -> None:
+        """Insert `count` due no-op jobs server-side (fast), then vacuum and analyze.
+
+        This server may run without autovacuum (the dev machine does), so the table is
+        vacuumed and analyzed explicitly, the same way before pgqueue and pgbench runs.
+        """
+        self.admin.execute(
+            "insert into pgqueue.jobs (task, args, queue, run_at)"
+            " select %s, jsonb_build_object('n', g), %s, now() - interval '1 second'"
+            " from generate_series(1, %s) g",
+            (bench.noop.name, queue, count),
+        )
+        self.admin.execute("vacuum (analyze) pgqueue.jobs")
+        self.checkpoint()
+
+    def count(self, where: str) -> int:
+        return int(self.admin.execute(f"select count(*) from pgqueue.jobs where {where}").fetchone()[0])
+
+    # -- child processes ----------------------------------------------------------
+
+    def spawn_worker(
+        self, queue: str, concurrency: int, *, burst: bool, tag: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        command = [
+            sys.executable, "-m", "pgqueue", "--dsn", self.dsn, "worker", "benchmarks.tasks:app",
+            "--queues", queue, "--concurrency", str(concurrency),
+        ]
+        if burst:
+            command.append("--burst")
+        python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        child_env = {**os.environ, "PGQUEUE_DSN": self.dsn, "PYTHONPATH": python_path, **(env or {})}
+        log_file = open(self.tmpdir / f"worker-{tag}.log", "wb")  # noqa: SIM115
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=child_env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+        log_file.close()
+        self.children.append(process)
+        return process
+
+    def worker_log(self, tag: str, lines: int = 15) -> str:
+        path = self.tmpdir / f"worker-{tag}.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop_children(self) -> None:
+        for process in self.children:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.children:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.children.clear()
+
+    # -- pgbench -------------------------------------------------------------------
+
+    def run_pgbench(self, name: str, script: str, clients: int, seconds: int) -> dict[str, Any]:
+        assert self.pgbench is not None
+        path = self.tmpdir / f"{name}.sql"
+        path.write_text(script)
+        command = [
+            self.pgbench, "-n", "-M", "prepared", "-f", str(path), "-c", str(clients),
+            "-j", str(clients), "-T", str(seconds), self.dsn,
+        ]
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 120)
+        output = completed.stdout + completed.stderr
+        if completed.returncode != 0:
+            raise RuntimeError(f"pgbench {name} failed ({completed.returncode}):\n{output[-2000:]}")
+        tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", output)
+        processed = re.search(r"number of transactions actually processed: (\d+)", output)
+        failed = re.search(r"number of failed transactions: (\d+)", output)
+        if not tps or not processed:
+            raise RuntimeError(f"cannot read pgbench output:\n{output[-2000:]}")
+        if failed and int(failed.group(1)):
+            raise RuntimeError(f"pgbench {name}: {failed.group(1)} failed transactions:\n{output[-2000:]}")
+        return {"tps": float(tps.group(1)), "transactions": int(processed.group(1))}
+
+
+def find_pgbench() -> str | None:
+    found = shutil.which("pgbench")
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/pgbench"), reverse=True)
+    if candidates:
+        return str(candidates[0])
+    with suppress(OSError, subprocess.SubprocessError):
+        bindir = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip()
+        if bindir and Path(bindir, "pgbench").exists():
+            return str(Path(bindir, "pgbench"))
+    return None
+
+
+# -- 1. single enqueue ----------------------------------------------------------------------
+
+# The same statement as insert_job in sql/queries.sql, with the values pgqueue sends for
+# `noop.enqueue(conn, n=...)` (default options): one INSERT per transaction.
+PGBENCH_INSERT = """\
+\\set n random(1, 1000000000)
+insert into pgqueue.jobs (
+    task, args, queue, priority, run_at, max_attempts, timeout_seconds,
+    backoff, backoff_base_seconds, backoff_max_seconds, backoff_jitter
+) values (
+    'bench.noop', ('{"n":' || :n::text || '}')::jsonb, 'bench', 0,
+    coalesce(null::timestamptz, now()) + make_interval(secs => 0::double precision),
+    10, null::double precision,
+    'exponential'::pgqueue.backoff_kind, 1::double precision,
+    3600::double precision, 0.1::real
+) returning id;
+"""
+
+
+def bench_single_enqueue(b: Bench) -> None:
+    seconds = b.config.single_seconds
+    b.reset()
+    with psycopg.connect(b.dsn, autocommit=True) as connection:
+        for n in range(50):  # warm up: psycopg prepares the statement after 5 runs
+            bench.noop.enqueue(connection, n=n)
+        b.checkpoint()
+        jobs = 0
+        started = time.perf_counter()
+        deadline = started + seconds
+        while time.perf_counter() < deadline:
+            bench.noop.enqueue(connection, n=jobs)
+            jobs += 1
+        elapsed = time.perf_counter() - started
+    pgqueue_rate = jobs / elapsed
+    ceiling = None
+    if b.pgbench:
+        b.reset()
+        run = b.run_pgbench("insert_one", PGBENCH_INSERT, clients=1, seconds=max(2, round(seconds)))
+        ceiling = run["tps"]
+    b.results["single_enqueue"] = {
+        "pgqueue_jobs_per_s": pgqueue_rate, "jobs": jobs, "seconds": elapsed,
+        "ceiling_pgbench_jobs_per_s": ceiling,
+    }
+    log(f"single enqueue: pgqueue {rate(pgqueue_rate)}, pgbench {rate(ceiling)}")
+
+
+# -- 2. bulk enqueue ------------------------------------------------------------------------
+
+
+def bench_bulk_enqueue(b: Bench) -> None:
+    count = b.config.bulk_jobs
+    arguments = [{"n": n} for n in range(count)]
+    b.reset()
+    with psycopg.connect(b.dsn, autocommit=True) as connection:
+        bench.noop.enqueue_many(connection, arguments[:100])  # warm up (imports, type loading)
+        b.reset()
+        started = time.perf_counter()
+        ids = bench.noop.enqueue_many(connection, arguments)
+        elapsed = time.perf_counter() - started
+    assert len(ids) == count and b.count("true") == count
+    pgqueue_rate = count / elapsed
+
+    # The ceiling: the same rows (same columns and values) in one COPY, prepared up front.
+    b.reset()
+    options = bench.noop.default_options
+    with psycopg.connect(b.dsn, autocommit=True) as connection:
+        now = connection.execute("select now()").fetchone()[0]
+        rows = [
+            (bench.noop.name, json.dumps(a, separators=(",", ":")), options.queue, options.priority,
+             now, options.max_attempts, options.timeout, options.retry.kind, options.retry.base,
+             options.retry.max, options.retry.jitter)
+            for a in arguments
+        ]
+        started = time.perf_counter()
+        with connection.transaction(), connection.cursor().copy(
+            "copy pgqueue.jobs (task, args, queue, priority, run_at, max_attempts, timeout_seconds,"
+            " backoff, backoff_base_seconds, backoff_max_seconds, backoff_jitter) from stdin"
+        ) as copy:
+            for row in rows:
+                copy.write_row(row)
+        raw_elapsed = time.perf_counter() - started
+    assert b.count("true") == count
+    raw_rate = count / raw_elapsed
+    b.results["bulk_enqueue"] = {
+        "jobs": count, "pgqueue_seconds": elapsed, "pgqueue_jobs_per_s": pgqueue_rate,
+        "raw_copy_seconds": raw_elapsed, "raw_copy_jobs_per_s": raw_rate,
+    }
+    log(f"bulk enqueue: pgqueue {rate(pgqueue_rate)}, raw COPY {rate(raw_rate)}")
+
+
+# -- 3. drain -------------------------------------------------------------------------------
+
+
+def drain_once(b: Bench, processes: int, concurrency: int) -> dict[str, Any]:
+    count = b.config.drain_jobs
+    b.reset()
+    b.fill(count)
+    tag = f"drain-{processes}x{concurrency}"
+    spawned_at = time.time()
+    started = time.perf_counter()
+    workers = [
+        b.spawn_worker(bench.NOOP_QUEUE, concurrency, burst=True, tag=f"{tag}-{i}")
+        for i in range(processes)
+    ]
+    poll = b.admin.cursor()
+    timeout = 30 + count / 200  # far beyond any plausible drain time
+    while True:
+        left = poll.execute(
+            "select exists (select from pgqueue.jobs where state = 'queued')"
+            " or exists (select from pgqueue.jobs where state = 'running')"
+        ).fetchone()[0]
+        if not left:
+            break
+        crashed = [(i, w.returncode) for i, w in enumerate(workers) if w.poll() not in (None, 0)]
+        if crashed:
+            i, code = crashed[0]
+            raise RuntimeError(f"worker {tag}-{i} exited with {code}:\n{b.worker_log(f'{tag}-{i}')}")
+        if time.perf_counter() - started > timeout:
+            raise RuntimeError(f"drain {tag} not done after {timeout:.0f}s:\n{b.worker_log(f'{tag}-0')}")
+        time.sleep(0.02)
+    wall = time.perf_counter() - started
+    for i, worker in enumerate(workers):
+        try:
+            code = worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"burst worker {tag}-{i} did not exit:\n{b.worker_log(f'{tag}-{i}')}") from None
+        if code != 0:
+            raise RuntimeError(f"worker {tag}-{i} exited with {code}:\n{b.worker_log(f'{tag}-{i}')}")
+    exited = time.perf_counter() - started
+    b.children.clear()
+    succeeded, first_start, window, workers_seen = b.admin.execute(
+        "select count(*) filter (where state = 'succeeded'),"
+        " extract(epoch from min(started_at))::float8,"
+        " extract(epoch from max(finished_at) - min(started_at))::float8,"
+        " count(distinct worker)"
+        " from pgqueue.jobs"
+    ).fetchone()
+    if succeeded != count:
+        raise RuntimeError(f"drain {tag}: {succeeded} of {count} jobs succeeded")
+    result = {
+        "processes": processes, "concurrency": concurrency, "jobs": count,
+        "wall_seconds": wall, "wall_jobs_per_s": count / wall,
+        "window_seconds": window, "window_jobs_per_s": count / window,
+        "startup_seconds": first_start - spawned_at, "exit_seconds": exited,
+        "workers_that_ran_jobs": workers_seen,
+    }
+    log(
+        f"drain {processes} proc x c={concurrency}: {rate(result['window_jobs_per_s'])} "
+        f"(first start -> last finish {window:.2f}s), {rate(result['wall_jobs_per_s'])} wall "
+        f"({wall:.2f}s incl. {result['startup_seconds']:.2f}s startup)"
+    )
+    return result
+
+
+def bench_drain(b: Bench) -> None:
+    drains: dict[str, Any] = {}
+    for processes in b.config.drain_procs:
+        runs = [drain_once(b, processes, c) for c in b.config.concurrencies]
+        best = max(runs, key=lambda run: run["window_jobs_per_s"])
+        drains[str(processes)] = {"runs": runs, "best": best}
+    b.results["drain"] = drains
+
+
+# Ceiling (a): claim one job with SKIP LOCKED and complete it, one transaction.
+# Ceiling (b): claim 100 with one FOR UPDATE SKIP LOCKED CTE + UPDATE (commit), then
+# complete them with one UPDATE (commit): two commits per batch, as any queue that
+# must survive a crash mid-job needs (the claim is durable before the job runs).
+# Ceiling (c): like (b) with claim and complete in one transaction (one commit per
+# batch: faster, but a job's lease is never visible to others while it runs).
+# Claimed rows are marked with the client id, so the complete needs no id list.
+_CLAIM = """\
+with claimable as (
+    select id from pgqueue.jobs
+    where state = 'queued' and queue = 'bench' and run_at <= now()
+    order by priority desc, run_at, id
+    limit {limit}
+    for update skip locked
+)
+update pgqueue.jobs j
+set state = 'running', attempt = j.attempt + 1, worker = 'pgbench-' || :client_id::text,
+    started_at = now(), lease_expires_at = now() + interval '30 seconds'
+from claimable c
+where j.id = c.id
+returning j.id, j.task, j.args, j.queue, j.priority, j.attempt, j.max_attempts,
+          j.timeout_seconds, j.run_at, j.created_at;
+"""
+_COMPLETE = """\
+update pgqueue.jobs
+set state = 'succeeded', finished_at = now(), result = 'null'::jsonb, lease_expires_at = null
+where state = 'running' and worker = 'pgbench-' || :client_id::text;
+"""
+CEILINGS: dict[str, tuple[str, int, str]] = {
+    "claim1": ("begin;\n" + _CLAIM.format(limit=1) + _COMPLETE + "commit;\n", 1,
+               "claim 1 + complete, 1 tx"),
+    "batch100": (_CLAIM.format(limit=100) + _COMPLETE, 100, "claim 100 (tx) + complete 100 (tx)"),
+    "batch100_1tx": ("begin;\n" + _CLAIM.format(limit=100) + _COMPLETE + "commit;\n", 100,
+                     "claim 100 + complete 100, 1 tx"),
+}
+
+
+def pgbench_drain_ceiling(b: Bench, name: str, clients: int) -> dict[str, Any]:
+    script, _, label = CEILINGS[name]
+    seconds = b.config.pgbench_seconds
+    fill = {"claim1": 4_000, "batch100": 40_000, "batch100_1tx": 60_000}[name] * seconds
+    for _attempt in range(4):
+        b.reset()
+        b.fill(fill)
+        run = b.run_pgbench(f"{name}-c{clients}", script, clients, seconds)
+        done = b.count("state = 'succeeded'")
+        if b.count("state = 'queued'") > 0:
+            result = {
+                "script": name, "label": label, "clients": clients, "seconds": seconds,
+                "jobs_per_s": done / seconds, "tps": run["tps"], "prefilled": fill,
+            }
+            log(f"ceiling {name} -c{clients}: {rate(result['jobs_per_s'])} ({run['tps']:,.0f} tps)")
+            return result
+        log(f"ceiling {name} -c{clients}: the {fill:,} pre-filled jobs ran out; refilling more")
+        fill *= 3
+    raise RuntimeError(f"pgbench {name} drained every pre-filled job four times")
+
+
+def bench_drain_ceilings(b: Bench) -> None:
+    if not b.pgbench:
+        log("pgbench not found: drain ceilings skipped")
+        return
+    ceilings: dict[str, Any] = {}
+    runs = [("claim1", 2), ("batch100", 1), ("batch100", 2)]
+    if b.config.name == "full":
+        runs.append(("batch100_1tx", 2))
+    for name, clients in runs:
+        ceilings[f"{name}-c{clients}"] = pgbench_drain_ceiling(b, name, clients)
+    b.results["drain_ceilings"] = ceilings
+
+
+# -- 4. latency -----------------------------------------------------------------------------
+
+
+def bench_latency(b: Bench) -> None:
+    config = b.config
+    b.reset()
+    latency_file = b.tmpdir / "latency.txt"
+    latency_file.unlink(missing_ok=True)
+    worker = b.spawn_worker(
+        bench.LATENCY_QUEUE, 10, burst=False, tag="latency",
+        env={bench.LATENCY_FILE_ENV: str(latency_file)},
+    )
+    commits: dict[int, float] = {}
+    before: dict[int, float] = {}
+
+    def recorded() -> dict[int, float]:
+        if not latency_file.exists():
+            return {}
+        seen: dict[int, float] = {}
+        for line in latency_file.read_text().splitlines():
+            seq, at = line.split()
+            seen[int(seq)] = float(at)
+        return seen
+
+    try:
+        with psycopg.connect(b.dsn, autocommit=True) as connection:
+            # Ready means: LISTEN is up and a job went through end to end.
+            deadline = time.monotonic() + 60
+            bench.record_latency.enqueue(connection, seq=-1)
+            while -1 not in recorded():
+                if worker.poll() is not None:
+                    raise RuntimeError(f"latency worker exited with {worker.returncode}:\n{b.worker_log('latency')}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"latency worker never ran a job:\n{b.worker_log('latency')}")
+                time.sleep(0.05)
+            warmup = round(config.latency_warmup_seconds * config.latency_rate)
+            total = warmup + round(config.latency_seconds * config.latency_rate)
+            interval = 1 / config.latency_rate
+            started = time.perf_counter()
+            for seq in range(total):
+                target = started + seq * interval
+                while (pause := target - time.perf_counter()) > 0:
+                    time.sleep(pause)
+                before[seq] = time.time()
+                bench.record_latency.enqueue(connection, seq=seq)  # autocommit: committed on return
+                commits[seq] = time.time()
+            produced = time.perf_counter() - started
+        deadline = time.monotonic() + 15
+        while len(seen := recorded()) < total + 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+        if worker in b.children:
+            b.children.remove(worker)
+    measured = [seq for seq in range(warmup, total)]
+    missing = [seq for seq in measured if seq not in seen]
+    latencies = sorted((seen[seq] - commits[seq]) * 1000 for seq in measured if seq in seen)
+    from_call = sorted((seen[seq] - before[seq]) * 1000 for seq in measured if seq in seen)
+    result = {
+        "jobs": len(measured), "missing": len(missing), "target_rate": config.latency_rate,
+        "achieved_rate": total / produced,
+        "p50_ms": percentile(latencies, 0.50), "p95_ms": percentile(latencies, 0.95),
+        "p99_ms": percentile(latencies, 0.99), "max_ms": latencies[-1] if latencies else None,
+        "min_ms": latencies[0] if latencies else None,
+        "from_enqueue_call_p50_ms": percentile(from_call, 0.50),
+        "from_enqueue_call_p99_ms": percentile(from_call, 0.99),
+        "enqueue_call_p50_ms": percentile(
+            sorted((commits[s] - before[s]) * 1000 for s in measured), 0.50),
+    }
+    if missing:
+        raise RuntimeError(f"latency: {len(missing)} of {len(measured)} jobs never started")
+    b.results["latency"] = result
+    log(
+        f"latency at {result['achieved_rate']:.0f} jobs/s: p50 {result['p50_ms']:.2f} ms, "
+        f"p95 {result['p95_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, max {result['max_ms']:.2f} ms"
+    )
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def table(b: Bench) -> str:
+    r = b.results
+    rows: list[tuple[str, str, str, str, str]] = []
+    error = b.errors
+
+    single = r.get("single_enqueue")
+    if single:
+        rows.append((
+            "single enqueue (1 job/tx, 1 client)", rate(single["pgqueue_jobs_per_s"]),
+            f"{rate(single['ceiling_pgbench_jobs_per_s'])} (pgbench -c1, insert_job)",
+            ratio(single["pgqueue_jobs_per_s"], single["ceiling_pgbench_jobs_per_s"]), "",
+        ))
+    elif "single_enqueue" in error:
+        rows.append(("single enqueue", "ERROR", "", "", ""))
+
+    bulk = r.get("bulk_enqueue")
+    if bulk:
+        ok = "ok" if bulk["pgqueue_jobs_per_s"] >= 60_000 else "MISSED"
+        rows.append((
+            f"bulk enqueue_many ({bulk['jobs']:,} jobs, COPY)", rate(bulk["pgqueue_jobs_per_s"]),
+            f"{rate(bulk['raw_copy_jobs_per_s'])} (raw psycopg COPY)",
+            ratio(bulk["pgqueue_jobs_per_s"], bulk["raw_copy_jobs_per_s"]), f">= 60,000 jobs/s: {ok}",
+        ))
+    elif "bulk_enqueue" in error:
+        rows.append(("bulk enqueue", "ERROR", "", "", ""))
+
+    ceilings = r.get("drain_ceilings", {})
+    drain = r.get("drain", {})
+    for processes, data in drain.items():
+        best = data["best"]
+        same = ceilings.get(f"batch100-c{processes}")
+        name = f"drain {best['jobs']:,} no-op, {processes} proc (best c={best['concurrency']})"
+        target = ""
+        if processes == "2" and same:
+            ok = "ok" if best["window_jobs_per_s"] >= 0.25 * same["jobs_per_s"] else "MISSED"
+            target = f">= 25% of batch ceiling: {ok}"
+        rows.append((
+            name,
+            f"{rate(best['window_jobs_per_s'])} ({rate(best['wall_jobs_per_s'])} wall)",
+            f"{rate(same['jobs_per_s'])} (pgbench -c{processes}, {same['label']})" if same else "n/a",
+            ratio(best["window_jobs_per_s"], same["jobs_per_s"] if same else None), target,
+        ))
+        if processes == "2":
+            for key in ("claim1-c2", "batch100_1tx-c2"):
+                other = ceilings.get(key)
+                if other:
+                    rows.append((
+                        "  same, vs another ceiling", "",
+                        f"{rate(other['jobs_per_s'])} (pgbench -c2, {other['label']})",
+                        ratio(best["window_jobs_per_s"], other["jobs_per_s"]), "",
+                    ))
+    if "drain" in error:
+        rows.append(("drain", "ERROR", "", "", ""))
+
+    latency = r.get("latency")
+    if latency:
+        label = f"latency commit->handler start @ {latency['achieved_rate']:.0f}/s"
+        for key, name, goal in (("p50_ms", "p50", 2.0), ("p95_ms", "p95", None), ("p99_ms", "p99", 5.0)):
+            value = latency[key]
+            target = "" if goal is None else f"<= {goal:g} ms: {'ok' if value <= goal else 'MISSED'}"
+            rows.append((f"{label} {name}", f"{value:.2f} ms", "", "", target))
+    elif "latency" in error:
+        rows.append(("latency", "ERROR", "", "", ""))
+
+    header = ("measure", "pgqueue", "raw-SQL ceiling", "pgqueue / ceiling", "target")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(5)]
+
+    def line(row: tuple[str, ...]) -> str:
+        return "| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |"
+
+    out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(row) for row in rows]
+    return "\n".join(out)
+
+
+def details(b: Bench) -> str:
+    r = b.results
+    out: list[str] = []
+    for processes, data in r.get("drain", {}).items():
+        for run in data["runs"]:
+            out.append(
+                f"drain {processes} proc x c={run['concurrency']:>3}: "
+                f"{run['window_jobs_per_s']:>8,.0f} jobs/s first-start->last-finish ({run['window_seconds']:.2f}s), "
+                f"{run['wall_jobs_per_s']:>8,.0f} jobs/s wall ({run['wall_seconds']:.2f}s, "
+                f"startup {run['startup_seconds']:.2f}s)"
+            )
+    for key, ceiling in r.get("drain_ceilings", {}).items():
+        out.append(
+            f"ceiling {key:<16} {ceiling['jobs_per_s']:>8,.0f} jobs/s, {ceiling['tps']:>8,.0f} tps "
+            f"({ceiling['label']}, {ceiling['seconds']}s, {ceiling['prefilled']:,} pre-filled)"
+        )
+    latency = r.get("latency")
+    if latency:
+        out.append(
+            f"latency: {latency['jobs']} jobs, min {latency['min_ms']:.2f} ms, max {latency['max_ms']:.2f} ms; "
+            f"measured from before the enqueue call: p50 {latency['from_enqueue_call_p50_ms']:.2f} ms, "
+            f"p99 {latency['from_enqueue_call_p99_ms']:.2f} ms (enqueue call p50 "
+            f"{latency['enqueue_call_p50_ms']:.2f} ms)"
+        )
+    for phase, message in b.errors.items():
+        out.append(f"ERROR in {phase}: {message.splitlines()[0] if message else ''}")
+    return "\n".join(out)
+
+
+def describe_server(b: Bench) -> str:
+    settings = dict(b.admin.execute(
+        "select name, setting from pg_settings where name in"
+        " ('server_version', 'fsync', 'synchronous_commit', 'autovacuum', 'shared_buffers')"
+    ).fetchall())
+    return (
+        f"PostgreSQL {settings.get('server_version')}, fsync={settings.get('fsync')}, "
+        f"synchronous_commit={settings.get('synchronous_commit')}, "
+        f"autovacuum={settings.get('autovacuum')}; {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}"
+    )
+
+
+PHASES: list[tuple[str, Callable[[Bench], None]]] = [
+    ("single_enqueue", bench_single_enqueue),
+    ("bulk_enqueue", bench_bulk_enqueue),
+    ("drain", bench_drain),
+    ("drain_ceilings", bench_drain_ceilings),
+    ("latency", bench_latency),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller, faster run (CI smoke test)")
+    parser.add_argument("--only", help="comma-separated phases: " + ", ".join(name for name, _ in PHASES))
+    parser.add_argument("--json", type=Path, help="also write the results here (default: benchmarks/results/)")
+    arguments = parser.parse_args(argv)
+    config = QUICK if arguments.quick else FULL
+    wanted = set(arguments.only.split(",")) if arguments.only else {name for name, _ in PHASES}
+    unknown = wanted - {name for name, _ in PHASES}
+    if unknown:
+        parser.error(f"unknown phases: {sorted(unknown)}")
+
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="pgqueue-bench-") as tmp, bench_database(Path(tmp)) as (dsn, _):
+        with psycopg.connect(dsn, autocommit=True) as connection:
+            pgqueue.migrate(connection)
+        b = Bench(dsn, config, Path(tmp))
+        try:
+            server = describe_server(b)
+            log(f"{config.name} run on {server}")
+            for name, phase in PHASES:
+                if name not in wanted:
+                    continue
+                phase_began = time.perf_counter()
+                try:
+                    phase(b)
+                except (KeyboardInterrupt, Interrupted):
+                    raise
+                except Exception as error:  # report, go on with the other phases
+                    b.errors[name] = f"{type(error).__name__}: {error}"
+                    log(f"phase {name} failed: {b.errors[name]}")
+                    b.stop_children()
+                log(f"phase {name} took {time.perf_counter() - phase_began:.1f}s")
+        finally:
+            b.stop_children()
+            b.admin.close()
+    elapsed = time.perf_counter() - began
+    print(f"\npgqueue benchmarks ({config.name} run, {dt.date.today().isoformat()}): {server}\n")
+    print(table(b))
+    print()
+    print(details(b))
+    print(f"\ntotal time {elapsed:.1f}s")
+    b.results.update({
+        "config": config.name, "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "server": server, "errors": b.errors, "total_seconds": elapsed,
+    })
+    target = arguments.json
+    if target is None:
+        RESULTS_DIR.mkdir(exist_ok=True)
+        target = RESULTS_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.name}.json"
+    target.write_text(json.dumps(b.results, indent=2, default=str))
+    print(f"results written to {target}")
+    return 1 if b.errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,50 @@
+"""Tasks at module level, importable by worker subprocesses and process pools."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+from pgqueue import App, current_job
+
+app = App()
+
+
+@app.task(name="cpu", executor="process")
+def cpu(n: int) -> int:
+    return sum(range(n))
+
+
+@app.task(name="record")
+def record(n: int) -> int:
+    """Appends `job_id pid` to $PGQUEUE_TEST_LOG, one line per execution."""
+    with Path(os.environ["PGQUEUE_TEST_LOG"]).open("a") as log:
+        log.write(f"{current_job().id} {os.getpid()}\n")
+    return n
+
+
+@app.task(name="record_async")
+async def record_async(n: int) -> int:
+    with Path(os.environ["PGQUEUE_TEST_LOG"]).open("a") as log:
+        log.write(f"{current_job().id} {os.getpid()}\n")
+    return n
+
+
+@app.task(name="sleep_then_record")
+async def sleep_then_record(seconds: float) -> str:
+    """Marks its start in the log, sleeps, then marks its end."""
+    path = Path(os.environ["PGQUEUE_TEST_LOG"])
+    with path.open("a") as log:
+        log.write(f"start {current_job().id} {os.getpid()}\n")
+    await asyncio.sleep(seconds)
+    with path.open("a") as log:
+        log.write(f"end {current_job().id} {os.getpid()}\n")
+    return "slept"
+
+
+@app.task(name="blocking_sleep")
+def blocking_sleep(seconds: float) -> str:
+    time.sleep(seconds)
+    return "slept"

@@ -1,0 +1,279 @@
+"""Enqueue: transactional on the caller's connection, pooled, bulk (COPY), from SQL; bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgqueue import App, InvalidJobError, JobState, Priority, RetryPolicy, UnknownTaskError
+
+
+def make_app(settings: Any) -> tuple[App, Any]:
+    app = App(settings)
+
+    @app.task(name="emails.send_welcome", queue="emails", max_attempts=5, timeout=30)
+    async def send_welcome(user_id: int) -> dict[str, int]:
+        return {"user_id": user_id}
+
+    return app, send_welcome
+
+
+def count_jobs(dsn: str) -> int:
+    with psycopg.connect(dsn) as connection:
+        row = connection.execute("select count(*) from pgqueue.jobs").fetchone()
+        assert row
+        return int(row[0])
+
+
+def test_job_commits_with_the_callers_transaction(settings: Any, dsn: str) -> None:
+    app, send_welcome = make_app(settings)
+    with psycopg.connect(dsn) as connection:
+        connection.execute("create table users (id int primary key)")
+        connection.execute("insert into users values (42)")
+        job_id = send_welcome.enqueue(connection, user_id=42)
+        # not visible to anyone else before the commit
+        assert count_jobs(dsn) == 0
+    # leaving the block commits
+    job = app.get_job(job_id)
+    assert job.state is JobState.QUEUED
+    assert job.args == {"user_id": 42}
+    assert job.queue == "emails" and job.max_attempts == 5 and job.timeout_seconds == 30
+    app.close()
+
+
+def test_job_vanishes_when_the_caller_rolls_back(settings: Any, dsn: str) -> None:
+    _, send_welcome = make_app(settings)
+    with psycopg.connect(dsn) as connection:
+        send_welcome.enqueue(connection, user_id=1)
+        connection.rollback()
+    assert count_jobs(dsn) == 0
+    with pytest.raises(ZeroDivisionError), psycopg.connect(dsn) as connection:
+        send_welcome.enqueue(connection, user_id=2)
+        raise ZeroDivisionError  # an exception in the block rolls back
+    assert count_jobs(dsn) == 0
+
+
+def test_async_enqueue_commits_and_rolls_back_with_the_caller(settings: Any, dsn: str) -> None:
+    app, send_welcome = make_app(settings)
+
+    async def scenario() -> int:
+        async with await psycopg.AsyncConnection.connect(dsn) as connection:
+            await send_welcome.enqueue_async(connection, user_id=7)
+            await connection.rollback()
+            kept = await send_welcome.enqueue_async(connection, user_id=8)
+            await connection.commit()
+        return kept
+
+    kept = asyncio.run(scenario())
+    assert count_jobs(dsn) == 1
+    assert app.get_job(kept).args == {"user_id": 8}
+
+
+def test_enqueue_with_the_apps_own_pool_commits_at_once(settings: Any, dsn: str) -> None:
+    app, send_welcome = make_app(settings)
+    job_id = send_welcome.enqueue(None, user_id=3)
+    assert count_jobs(dsn) == 1
+    by_name = app.enqueue(None, "emails.send_welcome", {"user_id": 4}, priority="high")
+    assert app.get_job(by_name).priority == Priority.HIGH
+
+    async def scenario() -> int:
+        try:
+            return await send_welcome.enqueue_async(None, user_id=5)
+        finally:
+            await app.aclose()
+
+    assert asyncio.run(scenario()) > job_id
+    assert count_jobs(dsn) == 3
+
+
+def test_options_priority_delay_run_at_and_retry_policy(settings: Any, dsn: str) -> None:
+    app, send_welcome = make_app(settings)
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        (now,) = connection.execute("select now()").fetchone() or (None,)
+        delayed = send_welcome.options(delay=60, priority=Priority.CRITICAL).enqueue(
+            connection, user_id=1
+        )
+        at = datetime(2030, 1, 1, tzinfo=timezone.utc)
+        scheduled = send_welcome.options(run_at=at, priority=-5).enqueue(connection, user_id=2)
+        custom = send_welcome.options(
+            retry=RetryPolicy.linear(step=2, max=10), max_attempts=2, timeout=timedelta(seconds=3)
+        ).enqueue(connection, user_id=3)
+        row = connection.execute(
+            "select backoff::text, backoff_base_seconds, backoff_max_seconds, max_attempts,"
+            " timeout_seconds from pgqueue.jobs where id = %s", (custom,)
+        ).fetchone()
+    job = app.get_job(delayed)
+    assert job.priority == 20
+    assert now is not None
+    assert timedelta(seconds=59) < job.run_at - now < timedelta(seconds=61)
+    assert app.get_job(scheduled).run_at == at
+    assert app.get_job(scheduled).priority == -5
+    assert row == ("linear", 2.0, 10.0, 2, 3.0)
+
+
+def test_positional_arguments_are_stored_by_name(settings: Any, dsn: str) -> None:
+    app, send_welcome = make_app(settings)
+    job_id = send_welcome.enqueue(None, 99)
+    assert app.get_job(job_id).args == {"user_id": 99}
+    app.close()
+
+
+def test_bulk_enqueue_uses_copy_and_returns_ids_in_order(settings: Any, dsn: str) -> None:
+    app, send_welcome = make_app(settings)
+    with psycopg.connect(dsn) as connection:
+        ids = send_welcome.enqueue_many(connection, [{"user_id": n} for n in range(5000)])
+        connection.rollback()
+    assert count_jobs(dsn) == 0  # bulk enqueue is transactional too
+    with psycopg.connect(dsn) as connection:
+        ids = send_welcome.enqueue_many(connection, [{"user_id": n} for n in range(5000)])
+    assert len(ids) == len(set(ids)) == 5000
+    with psycopg.connect(dsn) as connection:
+        rows = connection.execute(
+            "select id, (args->>'user_id')::int, queue, state::text, max_attempts"
+            " from pgqueue.jobs order by id"
+        ).fetchall()
+    assert [row[0] for row in rows] == ids
+    assert [row[1] for row in rows] == list(range(5000))
+    assert {row[2:] for row in rows} == {("emails", "queued", 5)}
+    assert send_welcome.enqueue_many(None, []) == []
+    app.close()
+
+
+def test_bulk_enqueue_async(settings: Any, dsn: str) -> None:
+    _, send_welcome = make_app(settings)
+
+    async def scenario() -> list[int]:
+        async with await psycopg.AsyncConnection.connect(dsn) as connection:
+            return await send_welcome.enqueue_many_async(connection, [{"user_id": n} for n in range(300)])
+
+    assert len(asyncio.run(scenario())) == 300
+    assert count_jobs(dsn) == 300
+
+
+def test_sql_enqueue_function_for_psql_and_triggers(connection: psycopg.Connection[Any]) -> None:
+    (job_id,) = connection.execute(
+        "select pgqueue.enqueue('reports.build', '{\"a\": 1}'::jsonb, queue => 'reports',"
+        " priority => 10, delay => interval '5 minutes', max_attempts => 3)"
+    ).fetchone() or (None,)
+    row = connection.execute(
+        "select task, args, queue, priority, max_attempts, run_at > now() + interval '4 minutes'"
+        " from pgqueue.jobs where id = %s", (job_id,)
+    ).fetchone()
+    assert row == ("reports.build", {"a": 1}, "reports", 10, 3, True)
+    # a trigger on an application table can enqueue in the same transaction
+    connection.execute("create table orders (id int primary key)")
+    connection.execute(
+        "create function enqueue_order() returns trigger language plpgsql as $$"
+        " begin perform pgqueue.enqueue('orders.confirm', jsonb_build_object('order', new.id));"
+        " return new; end $$"
+    )
+    connection.execute(
+        "create trigger orders_enqueue after insert on orders for each row execute function enqueue_order()"
+    )
+    connection.execute("insert into orders values (1), (2)")
+    tasks = connection.execute(
+        "select args->>'order' from pgqueue.jobs where task = 'orders.confirm' order by id"
+    ).fetchall()
+    assert tasks == [("1",), ("2",)]
+
+
+def test_sql_enqueue_rejects_bad_input(connection: psycopg.Connection[Any]) -> None:
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="delay must not be negative"):
+        connection.execute("select pgqueue.enqueue('t', delay => interval '-1 second')")
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="priority"):
+        connection.execute("select pgqueue.enqueue('t', priority => 100000)")
+    with pytest.raises(psycopg.errors.CheckViolation, match="jobs_args_object"):
+        connection.execute("select pgqueue.enqueue('t', '[1, 2]'::jsonb)")
+    with pytest.raises(psycopg.errors.CheckViolation, match="jobs_queue_name"):
+        connection.execute("select pgqueue.enqueue('t', queue => 'bad queue; drop table x')")
+
+
+def test_one_notify_per_transaction_not_per_row(settings: Any, dsn: str) -> None:
+    _, send_welcome = make_app(settings)
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute("listen pgqueue_jobs")
+        with psycopg.connect(dsn) as connection:
+            for n in range(50):
+                send_welcome.enqueue(connection, user_id=n)
+            send_welcome.enqueue_many(connection, [{"user_id": n} for n in range(50)])
+        received = list(listener.notifies(timeout=1.0))
+        # a delayed job wakes nobody: it is not due yet
+        with psycopg.connect(dsn) as connection:
+            send_welcome.options(delay=60).enqueue(connection, user_id=1)
+        later = list(listener.notifies(timeout=0.5))
+    assert [(n.channel, n.payload) for n in received] == [("pgqueue_jobs", "emails")]
+    assert later == []
+
+
+def test_unknown_task_name_is_refused_when_the_registry_is_known(settings: Any) -> None:
+    app, _ = make_app(settings)
+    with pytest.raises(UnknownTaskError, match="unknown task 'emails.send_welcom'"):
+        app.enqueue(None, "emails.send_welcom", {"user_id": 1})
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"user_id": {1, 2}}, "JSON-serialisable"),
+        ({"user_id": object()}, "JSON-serialisable"),
+        ({"user_id": math.nan}, "JSON-serialisable"),
+        ({"user_id": 1, "extra": 2}, "bad arguments"),
+        ({}, "bad arguments"),
+        ({"user_id": "x" * 1_100_000}, "limit"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_is_written(
+    settings: Any, dsn: str, arguments: dict[str, Any], message: str
+) -> None:
+    _, send_welcome = make_app(settings)
+    with pytest.raises(InvalidJobError, match=message), psycopg.connect(dsn) as connection:
+        send_welcome.enqueue(connection, **arguments)
+    assert count_jobs(dsn) == 0
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"delay": -1}, "delay"),
+        ({"delay": timedelta(seconds=-5)}, "delay"),
+        ({"delay": math.inf}, "delay"),
+        ({"priority": 40000}, "priority"),
+        ({"priority": "urgent"}, "priority"),
+        ({"priority": True}, "priority"),
+        ({"priority": 1.5}, "priority"),
+        ({"max_attempts": 0}, "max_attempts"),
+        ({"timeout": 0}, "timeout"),
+        ({"queue": "has space"}, "queue"),
+        ({"queue": ""}, "queue"),
+        ({"run_at": datetime(2030, 1, 1)}, "timezone-aware"),
+    ],
+)
+def test_bad_options_get_a_typed_error(settings: Any, options: dict[str, Any], message: str) -> None:
+    _, send_welcome = make_app(settings)
+    with pytest.raises(InvalidJobError, match=message):
+        send_welcome.options(**options)
+
+
+def test_both_delay_and_run_at_is_an_error(settings: Any) -> None:
+    _, send_welcome = make_app(settings)
+    with pytest.raises(InvalidJobError, match="not both"):
+        send_welcome.options(delay=5, run_at=datetime(2030, 1, 1, tzinfo=timezone.utc))
+
+
+def test_bad_task_registration(settings: Any) -> None:
+    app = App(settings)
+    with pytest.raises(InvalidJobError, match="task names"):
+        app.task(name="has space")(lambda: None)
+
+    @app.task(name="once")
+    def once() -> None: ...
+
+    with pytest.raises(ValueError, match="already registered"):
+        app.task(name="once")(lambda: None)
+    with pytest.raises(ValueError, match="async def"):
+        app.task(name="sync_as_async", executor="async")(lambda: None)

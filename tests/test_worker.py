@@ -1,0 +1,311 @@
+"""The worker in-process: handlers of every kind, retries, dead letter, timeout, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgqueue import App, Fail, JobState, Retry, RetryPolicy, Settings, current_job
+from pgqueue.testing import running_worker, wait_for, wait_for_states
+
+
+def test_runs_async_sync_and_process_handlers_and_stores_results(app: App, dsn: str) -> None:
+    seen_threads: list[str] = []
+
+    @app.task(name="double")
+    async def double(n: int) -> int:
+        return n * 2
+
+    @app.task(name="blocking")
+    def blocking(text: str) -> str:
+        seen_threads.append(threading.current_thread().name)
+        time.sleep(0.01)
+        return text.upper()
+
+    from tests import sample_app
+
+    # a process-pool task must be importable by the child, so it lives at module level
+    app.tasks["cpu"] = sample_app.cpu
+    ids = [double.enqueue(None, n=21), blocking.enqueue(None, text="hi"), app.enqueue(None, "cpu", {"n": 1000})]
+    with running_worker(app):
+        wait_for_states(dsn, ids)
+    jobs = [app.get_job(job_id) for job_id in ids]
+    assert [job.state for job in jobs] == [JobState.SUCCEEDED] * 3
+    assert [job.result for job in jobs] == [42, "HI", 499500]
+    assert all(job.attempt == 1 and job.errors == [] for job in jobs)
+    assert seen_threads and seen_threads[0].startswith("pgqueue-job")
+
+
+def test_failures_retry_with_backoff_then_dead_letter_then_requeue(app: App, dsn: str) -> None:
+    calls: list[int] = []
+    fixed = {"succeed": False}
+
+    @app.task(name="flaky", max_attempts=3, retry=RetryPolicy.fixed(0.05))
+    def flaky(order: int) -> str:
+        calls.append(current_job().attempt)
+        if not fixed["succeed"]:
+            raise ValueError(f"order {order} failed")
+        return "ok"
+
+    job_id = flaky.enqueue(None, order=7)
+    with running_worker(app):
+        wait_for_states(dsn, [job_id], ["dead"])
+        job = app.get_job(job_id)
+        assert calls == [1, 2, 3]
+        assert job.state is JobState.DEAD and job.attempt == 3
+        assert [error["attempt"] for error in job.errors] == [1, 2, 3]
+        assert all("ValueError: order 7 failed" in error["error"] for error in job.errors)
+        assert all("Traceback" in error["traceback"] for error in job.errors)
+        # redrive from the dead letter: attempts start over, history stays
+        fixed["succeed"] = True
+        assert app.retry(job_id) is True
+        wait_for_states(dsn, [job_id], ["succeeded"])
+    job = app.get_job(job_id)
+    assert job.result == "ok" and job.attempt == 1 and len(job.errors) == 3
+    assert app.retry(job_id) is False  # a succeeded job is not requeued
+
+
+def test_retry_requested_by_the_handler_and_permanent_failure(app: App, dsn: str) -> None:
+    @app.task(name="rate_limited", max_attempts=5)
+    async def rate_limited() -> str:
+        if current_job().attempt == 1:
+            raise Retry(delay=0.2, reason="rate limited")
+        return "done"
+
+    @app.task(name="declined", max_attempts=5)
+    async def declined() -> None:
+        raise Fail("card declined")
+
+    retried, failed = rate_limited.enqueue(None), declined.enqueue(None)
+    with psycopg.connect(dsn, autocommit=True) as connection, running_worker(app):
+        wait_for_states(dsn, [retried, failed])
+        row = connection.execute(
+            "select (errors->0->>'at')::timestamptz, started_at from pgqueue.jobs where id = %s",
+            (retried,),
+        ).fetchone()
+    assert row is not None
+    first_failure, second_start = row
+    assert (second_start - first_failure).total_seconds() >= 0.2
+    assert app.get_job(retried).result == "done"
+    dead = app.get_job(failed)
+    assert dead.state is JobState.DEAD and dead.attempt == 1  # no retries for Fail
+    assert dead.errors[0]["kind"] == "fail" and "card declined" in dead.errors[0]["error"]
+
+
+def test_unknown_task_at_run_time_is_dead_lettered_with_a_clear_error(app: App, dsn: str) -> None:
+    @app.task(name="known")
+    async def known() -> None: ...
+
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        row = connection.execute("select pgqueue.enqueue('nobody.registered')").fetchone()
+        assert row
+        bad_args = connection.execute(
+            "select pgqueue.enqueue('known', '{\"unexpected\": 1}')"
+        ).fetchone()
+        assert bad_args
+    with running_worker(app):
+        wait_for_states(dsn, [row[0], bad_args[0]])
+    job = app.get_job(row[0])
+    assert job.state is JobState.DEAD
+    assert "task 'nobody.registered' is not registered" in job.errors[0]["error"]
+    assert "do not fit task 'known'" in app.get_job(bad_args[0]).errors[0]["error"]
+
+
+def test_timeout_stops_the_handler_and_counts_as_a_failed_attempt(app: App, dsn: str) -> None:
+    finished = threading.Event()
+
+    @app.task(name="hangs", timeout=0.3, max_attempts=2, retry=RetryPolicy.fixed(0))
+    async def hangs() -> None:
+        await asyncio.sleep(30)
+        finished.set()
+
+    @app.task(name="quick_enough", timeout=5)
+    async def quick_enough() -> str:
+        await asyncio.sleep(0.01)
+        return "fine"
+
+    slow, fast = hangs.enqueue(None), quick_enough.enqueue(None)
+    with running_worker(app):
+        wait_for_states(dsn, [slow, fast])
+    job = app.get_job(slow)
+    assert job.state is JobState.DEAD and job.attempt == 2
+    assert [error["kind"] for error in job.errors] == ["timeout", "timeout"]
+    assert "longer than its timeout of 0.3s" in job.errors[0]["error"]
+    assert not finished.is_set()
+    assert app.get_job(fast).result == "fine"
+
+
+def test_a_per_job_timeout_overrides_the_tasks(app: App, dsn: str) -> None:
+    @app.task(name="sleepy", timeout=10, max_attempts=1)
+    async def sleepy() -> None:
+        await asyncio.sleep(2)
+
+    job_id = sleepy.options(timeout=0.2).enqueue(None)
+    with running_worker(app):
+        wait_for_states(dsn, [job_id])
+    assert app.get_job(job_id).errors[0]["kind"] == "timeout"
+
+
+def test_result_that_is_not_json_is_a_permanent_failure(app: App, dsn: str) -> None:
+    @app.task(name="returns_set")
+    async def returns_set() -> set[int]:
+        return {1}
+
+    job_id = returns_set.enqueue(None)
+    with running_worker(app):
+        wait_for_states(dsn, [job_id])
+    job = app.get_job(job_id)
+    assert job.state is JobState.DEAD and "not JSON-serialisable" in job.errors[0]["error"]
+
+
+def test_priority_order_and_queue_selection(app: App, dsn: str) -> None:
+    order: list[str] = []
+
+    @app.task(name="record", queue="main")
+    async def record(label: str) -> None:
+        order.append(label)
+
+    @app.task(name="elsewhere", queue="other")
+    async def elsewhere() -> None:
+        order.append("other")
+
+    with psycopg.connect(dsn) as connection:
+        record.options(priority="low").enqueue(connection, label="low")
+        record.enqueue(connection, label="normal")
+        record.options(priority="critical").enqueue(connection, label="critical")
+        record.options(priority="high").enqueue(connection, label="high")
+        other = elsewhere.enqueue(connection)
+    with running_worker(app, concurrency=1, queues=["main"]):
+        wait_for(lambda: len(order) == 4, what="four jobs")
+    assert order == ["critical", "high", "normal", "low"]
+    assert app.get_job(other).state is JobState.QUEUED  # not a queue this worker serves
+
+
+def test_delayed_job_waits_for_its_time(app: App, dsn: str) -> None:
+    @app.task(name="later")
+    async def later() -> None: ...
+
+    job_id = later.options(delay=0.6).enqueue(None)
+    with running_worker(app):
+        time.sleep(0.3)
+        assert app.get_job(job_id).state is JobState.QUEUED
+        wait_for_states(dsn, [job_id], ["succeeded"])
+    job = app.get_job(job_id)
+    assert job.started_at is not None and job.started_at >= job.run_at
+
+
+def test_idle_worker_wakes_on_notify_without_waiting_for_a_poll(dsn: str) -> None:
+    # polling every 60 s: only NOTIFY can start the job within the test's timeout
+    app = App(Settings(dsn=dsn, poll_interval=60))
+    started = threading.Event()
+
+    @app.task(name="wake")
+    async def wake() -> None:
+        started.set()
+
+    with running_worker(app):
+        time.sleep(0.2)  # let the worker go idle on LISTEN
+        wake.enqueue(None)
+        assert started.wait(10), "a NOTIFY should wake the idle worker"
+    app.close()
+
+
+def test_poll_only_mode_still_runs_jobs(dsn: str) -> None:
+    app = App(Settings(dsn=dsn, poll_interval=0.1))
+
+    @app.task(name="polled")
+    async def polled() -> None: ...
+
+    with running_worker(app, listen=False) as worker:
+        assert worker.listen is False
+        job_id = polled.enqueue(None)
+        wait_for_states(dsn, [job_id], ["succeeded"])
+    app.close()
+
+
+def test_graceful_shutdown_finishes_running_jobs(app: App, dsn: str) -> None:
+    started = threading.Event()
+
+    @app.task(name="slow_but_fine")
+    async def slow_but_fine(n: int) -> int:
+        started.set()
+        await asyncio.sleep(0.5)
+        return n
+
+    ids = slow_but_fine.enqueue_many(None, [{"n": n} for n in range(3)])
+    with running_worker(app, concurrency=3):
+        assert started.wait(10)
+    # leaving the block stopped the worker: within the grace period jobs finished
+    assert {app.get_job(job_id).state for job_id in ids} == {JobState.SUCCEEDED}
+
+
+def test_shutdown_releases_jobs_that_overrun_the_grace_period(dsn: str) -> None:
+    app = App(Settings(dsn=dsn, shutdown_grace=0.3))
+    started = threading.Event()
+
+    @app.task(name="too_slow", max_attempts=3)
+    async def too_slow() -> None:
+        started.set()
+        await asyncio.sleep(30)
+
+    job_id = too_slow.enqueue(None)
+    with running_worker(app):
+        assert started.wait(10)
+    job = app.get_job(job_id)
+    # handed back, not failed: the attempt does not count, the note says why
+    assert job.state is JobState.QUEUED and job.attempt == 0 and job.worker is None
+    assert job.errors[-1]["kind"] == "released"
+    app.close()
+
+
+def test_worker_refuses_an_unmigrated_database(empty_dsn: str) -> None:
+    from pgqueue import SchemaNotMigratedError
+
+    app = App(Settings(dsn=empty_dsn))
+    with pytest.raises(SchemaNotMigratedError, match="pgqueue migrate"), running_worker(app):
+        pass
+
+
+def test_worker_refuses_a_newer_schema(app: App, dsn: str) -> None:
+    from pgqueue import SchemaTooNewError
+
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        connection.execute(
+            "insert into pgqueue.migrations (version, name, checksum) values (9999, 'future', 'x')"
+        )
+    with pytest.raises(SchemaTooNewError, match="newer than this code"), running_worker(app):
+        pass
+
+
+def test_heartbeat_keeps_a_long_job_from_being_rescued(app: App, dsn: str) -> None:
+    # lease 2 s, job 3 s: without heartbeats another sweep would requeue it mid-run
+    @app.task(name="long")
+    async def long() -> str:
+        await asyncio.sleep(3)
+        return "finished once"
+
+    job_id = long.enqueue(None)
+    with running_worker(app):
+        wait_for_states(dsn, [job_id], ["succeeded"])
+    job = app.get_job(job_id)
+    assert job.attempt == 1 and job.errors == []
+
+
+def test_context_is_visible_in_sync_handlers(app: App, dsn: str) -> None:
+    seen: list[Any] = []
+
+    @app.task(name="who_am_i")
+    def who_am_i() -> int:
+        seen.append(current_job())
+        return current_job().id
+
+    job_id = who_am_i.enqueue(None)
+    with running_worker(app):
+        wait_for_states(dsn, [job_id])
+    assert app.get_job(job_id).result == job_id
+    assert seen[0].task == "who_am_i" and seen[0].attempt == 1
