@@ -135,10 +135,12 @@ def bench_database(tmpdir: Path) -> Iterator[tuple[str, str]]:
 class Bench:
     """The state shared by the benchmark phases."""
 
-    def __init__(self, dsn: str, config: Config, tmpdir: Path) -> None:
+    def __init__(self, dsn: str, config: Config, tmpdir: Path, log_dir: Path | None = None) -> None:
         self.dsn = dsn
         self.config = config
         self.tmpdir = tmpdir
+        self.log_dir = log_dir or tmpdir
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         self.admin = psycopg.connect(dsn, autocommit=True)
         self.pgbench = find_pgbench()
         self.children: list[subprocess.Popen[bytes]] = []
@@ -148,7 +150,12 @@ class Bench:
     # -- table handling ------------------------------------------------------------
 
     def reset(self) -> None:
-        """An empty jobs table, WAL flushed: every measured phase starts from the same state."""
+        """An empty jobs table, just after a checkpoint: every phase starts from the same state.
+
+        The checkpoint comes before the fill, not after it, so the measured run does not
+        pay for the full-page images that the first change of each page after a
+        checkpoint writes to the WAL (the fill creates the pages after the checkpoint).
+        """
         self.admin.execute("truncate pgqueue.jobs")
         self.checkpoint()
 
@@ -171,7 +178,6 @@ class Bench:
             (bench.noop.name, queue, count),
         )
         self.admin.execute("vacuum (analyze) pgqueue.jobs")
-        self.checkpoint()
 
     def count(self, where: str) -> int:
         return int(self.admin.execute(f"select count(*) from pgqueue.jobs where {where}").fetchone()[0])
@@ -189,7 +195,7 @@ class Bench:
             command.append("--burst")
         python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         child_env = {**os.environ, "PGQUEUE_DSN": self.dsn, "PYTHONPATH": python_path, **(env or {})}
-        log_file = open(self.tmpdir / f"worker-{tag}.log", "wb")  # noqa: SIM115
+        log_file = open(self.log_dir / f"worker-{tag}.log", "wb")  # noqa: SIM115
         process = subprocess.Popen(
             command, cwd=ROOT, env=child_env, stdout=log_file, stderr=subprocess.STDOUT
         )
@@ -198,7 +204,7 @@ class Bench:
         return process
 
     def worker_log(self, tag: str, lines: int = 15) -> str:
-        path = self.tmpdir / f"worker-{tag}.log"
+        path = self.log_dir / f"worker-{tag}.log"
         text = path.read_text(errors="replace") if path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
 
@@ -382,9 +388,10 @@ def drain_once(b: Bench, processes: int, concurrency: int) -> dict[str, Any]:
             raise RuntimeError(f"worker {tag}-{i} exited with {code}:\n{b.worker_log(f'{tag}-{i}')}")
     exited = time.perf_counter() - started
     b.children.clear()
-    succeeded, first_start, window, workers_seen = b.admin.execute(
+    succeeded, first_start, last_finish, window, workers_seen = b.admin.execute(
         "select count(*) filter (where state = 'succeeded'),"
         " extract(epoch from min(started_at))::float8,"
+        " extract(epoch from max(finished_at))::float8,"
         " extract(epoch from max(finished_at) - min(started_at))::float8,"
         " count(distinct worker)"
         " from pgqueue.jobs"
@@ -396,6 +403,7 @@ def drain_once(b: Bench, processes: int, concurrency: int) -> dict[str, Any]:
         "wall_seconds": wall, "wall_jobs_per_s": count / wall,
         "window_seconds": window, "window_jobs_per_s": count / window,
         "startup_seconds": first_start - spawned_at, "exit_seconds": exited,
+        "last_finish_seconds": last_finish - spawned_at,
         "workers_that_ran_jobs": workers_seen,
     }
     log(
@@ -702,6 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller, faster run (CI smoke test)")
     parser.add_argument("--only", help="comma-separated phases: " + ", ".join(name for name, _ in PHASES))
+    parser.add_argument("--logs", type=Path, help="keep the worker logs in this folder")
     parser.add_argument("--json", type=Path, help="also write the results here (default: benchmarks/results/)")
     arguments = parser.parse_args(argv)
     config = QUICK if arguments.quick else FULL
@@ -715,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pgqueue-bench-") as tmp, bench_database(Path(tmp)) as (dsn, _):
         with psycopg.connect(dsn, autocommit=True) as connection:
             pgqueue.migrate(connection)
-        b = Bench(dsn, config, Path(tmp))
+        b = Bench(dsn, config, Path(tmp), arguments.logs)
         try:
             server = describe_server(b)
             log(f"{config.name} run on {server}")

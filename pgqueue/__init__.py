@@ -44,6 +44,7 @@ __all__ = [
     "Worker",
     "check_schema",
     "check_schema_async",
+    "current_job",
     "migrate",
     "migrate_async",
 ]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any, AsyncIterator, Literal, overload
+from typing import Any, Literal, ParamSpec, TypeVar, overload
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
@@ -20,6 +20,9 @@ from .plans import Plan, drive, drive_async
 from .settings import Settings
 from .sql import query
 from .tasks import Executor, Task
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 Connection = psycopg.Connection[Any]
 AsyncConnection = psycopg.AsyncConnection[Any]
@@ -43,27 +46,21 @@ class App:
         self._async_pool: AsyncConnectionPool | None = None
         self._lock = threading.Lock()
 
+    def configure(self, settings: Settings) -> None:
+        """Switch to other settings (e.g. CLI flags); closes the pools of the old database."""
+        self.close()
+        self.settings = settings
+        self._dsn = None
+
     # -- tasks ---------------------------------------------------------------------
 
     @overload
-    def task(self, function: Callable[..., Any], /) -> Task[..., Any]: ...
+    def task(self, function: Callable[P, R], /) -> Task[P, R]: ...
 
     @overload
     def task(
         self,
-        *,
-        name: str | None = None,
-        queue: str = "default",
-        priority: int | str = 0,
-        max_attempts: int = 10,
-        timeout: float | None = None,
-        retry: RetryPolicy | None = None,
-        executor: Executor | None = None,
-    ) -> Callable[[Callable[..., Any]], Task[..., Any]]: ...
-
-    def task(
-        self,
-        function: Callable[..., Any] | None = None,
+        function: None = None,
         /,
         *,
         name: str | None = None,
@@ -73,14 +70,28 @@ class App:
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
         executor: Executor | None = None,
-    ) -> Task[..., Any] | Callable[[Callable[..., Any]], Task[..., Any]]:
+    ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+    def task(
+        self,
+        function: Callable[P, R] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        priority: int | str = 0,
+        max_attempts: int = 10,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        executor: Executor | None = None,
+    ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
         """Register a function as a task. Options become the defaults of its jobs.
 
         executor: "async" for coroutine functions (the default for them), "thread" for
         plain functions (their default), "process" for CPU-bound work.
         """
 
-        def register(target: Callable[..., Any]) -> Task[..., Any]:
+        def register(target: Callable[P, R]) -> Task[P, R]:
             options = validate_options(
                 {
                     "queue": queue,
@@ -104,7 +115,7 @@ class App:
                     f"task {task_name!r}: executor 'process' needs a function defined at module "
                     "level, so the process pool can import it"
                 )
-            created: Task[..., Any] = Task(self, task_name, target, options, chosen)
+            created: Task[P, R] = Task(self, task_name, target, options, chosen)
             self.tasks[task_name] = created
             return created
 
@@ -122,9 +133,7 @@ class App:
         if registered is not None:
             return registered.with_options(**options).prepare_kwargs(args or {})
         if self.tasks:
-            raise UnknownTaskError(
-                f"unknown task {task!r}: this app registers {sorted(self.tasks)}"
-            )
+            raise UnknownTaskError(f"unknown task {task!r}: this app registers {sorted(self.tasks)}")
         merged = JobOptions().merged(**options)
         return producer.prepare(task, args or {}, merged)
 
@@ -220,8 +229,12 @@ class App:
         with self._lock:
             if self._pool is None:
                 self._pool = ConnectionPool(
-                    self.dsn, min_size=1, max_size=self.settings.pool_size, open=True,
-                    name="pgqueue", check=ConnectionPool.check_connection,
+                    self.dsn,
+                    min_size=1,
+                    max_size=self.settings.pool_size,
+                    open=True,
+                    name="pgqueue",
+                    check=ConnectionPool.check_connection,
                 )
             return self._pool
 
@@ -229,8 +242,12 @@ class App:
         """The app's own async pool, opened on first use."""
         if self._async_pool is None:
             pool = AsyncConnectionPool(
-                self.dsn, min_size=1, max_size=self.settings.pool_size, open=False,
-                name="pgqueue-async", check=AsyncConnectionPool.check_connection,
+                self.dsn,
+                min_size=1,
+                max_size=self.settings.pool_size,
+                open=False,
+                name="pgqueue-async",
+                check=AsyncConnectionPool.check_connection,
             )
             await pool.open()
             self._async_pool = pool
@@ -274,7 +291,9 @@ class App:
         try:
             return self.tasks[name]
         except KeyError:
-            raise UnknownTaskError(f"unknown task {name!r}: this app registers {sorted(self.tasks)}") from None
+            raise UnknownTaskError(
+                f"unknown task {name!r}: this app registers {sorted(self.tasks)}"
+            ) from None
 
 
 def _get_job_plan(job_id: int) -> Plan[Job]:

@@ -66,7 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dsn", help="database (default: $PGQUEUE_DSN, else an embedded Postgres)")
     parser.add_argument("--data-dir", help="embedded Postgres data directory ($PGQUEUE_DATA_DIR)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.set_defaults(handler=lambda _: parser.print_help() or EXIT_USAGE)
+    def usage(_: argparse.Namespace) -> int:
+        parser.print_help()
+        return EXIT_USAGE
+
+    parser.set_defaults(handler=usage)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     command = commands.add_parser("migrate", help="create or upgrade the pgqueue schema")
@@ -76,8 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     command.add_argument("app", nargs="?", help="module:attribute of your App ($PGQUEUE_APP)")
     command.add_argument("-q", "--queues", help="comma-separated queues (default: the app's)")
     command.add_argument("-c", "--concurrency", type=int, help="jobs run at once (default 10)")
-    command.add_argument("--no-listen", action="store_true",
-                         help="poll only, no LISTEN/NOTIFY (for PgBouncer transaction pooling)")
+    command.add_argument(
+        "--no-listen",
+        action="store_true",
+        help="poll only, no LISTEN/NOTIFY (for PgBouncer transaction pooling)",
+    )
     command.add_argument("--poll-interval", type=float, help="seconds between polls when idle")
     command.add_argument("--lease-seconds", type=float, help="lease of a running job")
     command.add_argument("--shutdown-grace", type=float, help="seconds to finish jobs on SIGTERM")
@@ -146,7 +153,7 @@ def load_app(path: str | None, settings: Settings) -> App:
     if not isinstance(target, App):
         raise ConfigurationError(f"{path!r} is not a pgqueue.App (found {type(target).__name__})")
     merged = {**target.settings.model_dump(exclude_unset=True), **settings.model_dump(exclude_unset=True)}
-    target.settings = Settings(**merged)
+    target.configure(Settings(**merged))
     return target
 
 
@@ -199,7 +206,11 @@ def _exit_now_if_threads_linger() -> None:
 
 def _enqueue(arguments: argparse.Namespace) -> int:
     settings = _settings(arguments)
-    app = load_app(arguments.app or settings.app, settings) if (arguments.app or settings.app) else App(settings)
+    app = (
+        load_app(arguments.app or settings.app, settings)
+        if (arguments.app or settings.app)
+        else App(settings)
+    )
     try:
         args = json.loads(arguments.args)
     except json.JSONDecodeError as error:
@@ -213,8 +224,12 @@ def _enqueue(arguments: argparse.Namespace) -> int:
         except ValueError:
             raise ConfigurationError(f"--run-at is not an ISO 8601 time: {arguments.run_at!r}") from None
     options = {
-        "queue": arguments.queue, "priority": arguments.priority, "delay": arguments.delay,
-        "run_at": run_at, "max_attempts": arguments.max_attempts, "timeout": arguments.timeout,
+        "queue": arguments.queue,
+        "priority": arguments.priority,
+        "delay": arguments.delay,
+        "run_at": run_at,
+        "max_attempts": arguments.max_attempts,
+        "timeout": arguments.timeout,
     }
     job = app.prepare(arguments.task, args, **options)
     with psycopg.connect(app.dsn, autocommit=True) as connection:
@@ -254,8 +269,10 @@ def _control(arguments: argparse.Namespace, action: str) -> int:
     app = _plain_app(arguments)
     with psycopg.connect(app.dsn, autocommit=True) as connection:
         _check(connection)
-        done = app.cancel(arguments.job_id, connection) if action == "cancel" else app.retry(
-            arguments.job_id, connection
+        done = (
+            app.cancel(arguments.job_id, connection)
+            if action == "cancel"
+            else app.retry(arguments.job_id, connection)
         )
         state = app.get_job(arguments.job_id, connection).state
     if not done:

@@ -89,7 +89,9 @@ class Completer:
                         log.warning(
                             "could not record %d job outcome(s), database unavailable (%s); "
                             "keeping them and retrying in %.1fs",
-                            len(self._in_flight), error, delay,
+                            len(self._in_flight),
+                            error,
+                            delay,
                         )
                         await asyncio.sleep(delay)
                         continue
@@ -117,8 +119,7 @@ class Completer:
             "outcomes": [outcome.kind for outcome in batch],
             "results": [outcome.result_json for outcome in batch],
             "errors": [
-                None if outcome.error is None else json.dumps(outcome.error, default=str)
-                for outcome in batch
+                None if outcome.error is None else json.dumps(outcome.error, default=str) for outcome in batch
             ],
             "retry_in": [outcome.retry_in for outcome in batch],
             "now": None,
@@ -132,7 +133,9 @@ class Completer:
                     log.warning(
                         "outcome %r of job %d (attempt %d) was not recorded: its lease was lost "
                         "(the job was rescued, and may run again elsewhere)",
-                        outcome.kind, outcome.job_id, outcome.attempt,
+                        outcome.kind,
+                        outcome.job_id,
+                        outcome.attempt,
                     )
         if self._on_recorded is not None:
             self._on_recorded(batch, rows)

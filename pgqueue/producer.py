@@ -51,9 +51,7 @@ def encode_args(task: str, args: dict[str, Any]) -> str:
     try:
         text = json.dumps(args, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as error:
-        raise InvalidJobError(
-            f"arguments of task {task!r} must be JSON-serialisable: {error}"
-        ) from None
+        raise InvalidJobError(f"arguments of task {task!r} must be JSON-serialisable: {error}") from None
     if len(text) > MAX_ARGS_BYTES:
         raise InvalidJobError(
             f"arguments of task {task!r} are {len(text)} bytes of JSON; the limit is "
@@ -83,16 +81,23 @@ async def insert_async(connection: psycopg.AsyncConnection[Any], job: PreparedJo
     return await drive_async(connection, _insert_plan(job))
 
 
-def _copy_rows(
-    jobs: Sequence[PreparedJob], reserved: list[tuple[Any, ...]]
-) -> Iterator[tuple[Any, ...]]:
+def _copy_rows(jobs: Sequence[PreparedJob], reserved: list[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
     for job, (job_id, now) in zip(jobs, reserved, strict=True):
         options = job.options
         run_at: datetime = options.run_at or now + timedelta(seconds=options.delay)
         yield (
-            job_id, job.task, job.args_json, options.queue, options.priority, run_at,
-            options.max_attempts, options.timeout, options.retry.kind, options.retry.base,
-            options.retry.max, options.retry.jitter,
+            job_id,
+            job.task,
+            job.args_json,
+            options.queue,
+            options.priority,
+            run_at,
+            options.max_attempts,
+            options.timeout,
+            options.retry.kind,
+            options.retry.base,
+            options.retry.max,
+            options.retry.jitter,
         )
 
 

@@ -55,9 +55,7 @@ def migrations() -> tuple[Migration, ...]:
     for entry in _sql_folder().joinpath("migrations").iterdir():
         match = _MIGRATION_FILE.match(entry.name)
         if match:
-            found.append(
-                Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8"))
-            )
+            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
     found.sort(key=lambda migration: migration.version)
     versions = [migration.version for migration in found]
     if len(set(versions)) != len(versions):

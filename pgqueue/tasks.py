@@ -65,8 +65,13 @@ class Task(Generic[P, R]):
     ) -> Task[P, R]:
         """A copy of this task whose next jobs use these options."""
         return self.with_options(
-            queue=queue, priority=priority, delay=delay, run_at=run_at,
-            max_attempts=max_attempts, timeout=timeout, retry=retry,
+            queue=queue,
+            priority=priority,
+            delay=delay,
+            run_at=run_at,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            retry=retry,
         )
 
     def with_options(self, **options: Any) -> Task[P, R]:

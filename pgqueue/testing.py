@@ -101,7 +101,9 @@ def job_states(dsn: str, ids: Iterable[int]) -> dict[int, str]:
 
 
 def wait_for_states(
-    dsn: str, ids: Iterable[int], states: Iterable[str] = ("succeeded", "dead", "cancelled"),
+    dsn: str,
+    ids: Iterable[int],
+    states: Iterable[str] = ("succeeded", "dead", "cancelled"),
     timeout: float = 30.0,
 ) -> dict[int, str]:
     """Wait until every job in `ids` is in one of `states`; return their states."""

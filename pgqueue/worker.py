@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import contextvars
 import functools
 import json
@@ -133,14 +134,17 @@ class Worker:
             log.info(
                 "worker %s stopping: no new jobs; %d running job(s) get %.0fs to finish "
                 "(signal again to force)",
-                self.worker_id, len(self._running), self.settings.shutdown_grace,
+                self.worker_id,
+                len(self._running),
+                self.settings.shutdown_grace,
             )
         self._stopping = True
         self._stop_event.set()
         self._wake.set()
         if force and not self._forced:
-            log.warning("worker %s forced to stop: releasing %d running job(s)",
-                        self.worker_id, len(self._running))
+            log.warning(
+                "worker %s forced to stop: releasing %d running job(s)", self.worker_id, len(self._running)
+            )
             self._forced = True
             self._force_event.set()
 
@@ -165,7 +169,9 @@ class Worker:
         self._maintainer = WorkerConnection(dsn, "maintenance", timeout)
         completer_connection = WorkerConnection(dsn, "complete", timeout)
         self._completer = Completer(
-            completer_connection, self.worker_id, self.settings.reconnect_max_delay,
+            completer_connection,
+            self.worker_id,
+            self.settings.reconnect_max_delay,
             on_recorded=self._recorded,
         )
         self._threads = concurrent.futures.ThreadPoolExecutor(
@@ -177,7 +183,9 @@ class Worker:
                 return
             log.info(
                 "worker %s started: queues %s, concurrency %d, %s",
-                self.worker_id, ",".join(self.queues), self.concurrency,
+                self.worker_id,
+                ",".join(self.queues),
+                self.concurrency,
                 "LISTEN/NOTIFY with polling fallback" if self.listen else "polling only",
             )
             if self.listen:
@@ -223,7 +231,9 @@ class Worker:
                 delay = backoff.next_delay()
                 log.warning(
                     "database unreachable (%s: %s); retrying in %.1fs",
-                    type(error).__name__, str(error).strip(), delay,
+                    type(error).__name__,
+                    str(error).strip(),
+                    delay,
                 )
                 await self._sleep(delay)
         return False
@@ -232,8 +242,10 @@ class Worker:
         assert self._wake and self._slot_freed
         backoff = Backoff(cap=self.settings.reconnect_max_delay)
         params: dict[str, Any] = {
-            "worker": self.worker_id, "queues": self.queues,
-            "lease_seconds": self.settings.lease_seconds, "now": None,
+            "worker": self.worker_id,
+            "queues": self.queues,
+            "lease_seconds": self.settings.lease_seconds,
+            "now": None,
         }
         while not self._stopping:
             free = self.concurrency - len(self._running)
@@ -247,8 +259,9 @@ class Worker:
                 rows = await self._claimer.fetch(query("claim_jobs"), params)
             except DatabaseUnavailable as error:
                 delay = backoff.next_delay()
-                log.warning("could not claim jobs, database unavailable (%s); retrying in %.1fs",
-                            error, delay)
+                log.warning(
+                    "could not claim jobs, database unavailable (%s); retrying in %.1fs", error, delay
+                )
                 await self._sleep(delay)
                 continue
             if backoff.failures:
@@ -290,10 +303,8 @@ class Worker:
 
     async def _sleep(self, seconds: float) -> None:
         assert self._stop_event
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop_event.wait(), seconds)
-        except TimeoutError:
-            pass
 
     # -- running jobs ---------------------------------------------------------------
 
@@ -321,7 +332,9 @@ class Worker:
         task = self.app.tasks.get(job.task)
         if task is None:
             return self._failure(
-                job, "fatal", "unknown_task",
+                job,
+                "fatal",
+                "unknown_task",
                 f"UnknownTaskError: task {job.task!r} is not registered in this worker's app "
                 f"(it registers {sorted(self.app.tasks)})",
             )
@@ -329,7 +342,9 @@ class Worker:
             args, kwargs = task.call_arguments(job.args)
         except TypeError as error:
             return self._failure(
-                job, "fatal", "bad_arguments",
+                job,
+                "fatal",
+                "bad_arguments",
                 f"InvalidJobError: stored arguments do not fit task {job.task!r}: {error}",
             )
         timeout = job.timeout_seconds
@@ -343,16 +358,24 @@ class Worker:
         except TimeoutError:
             if deadline.expired():
                 return self._failure(
-                    job, "failed", "timeout",
+                    job,
+                    "failed",
+                    "timeout",
                     f"TimeoutError: job ran longer than its timeout of {timeout:g}s and was stopped",
                 )
             return self._failure(job, "failed", "exception", "TimeoutError", traceback.format_exc())
         except asyncio.CancelledError:
             if self._releasing:
-                return Outcome(job.id, job.attempt, "released", error={
-                    "kind": "released", "error": "worker shut down before the job finished; requeued",
-                    "traceback": None,
-                })
+                return Outcome(
+                    job.id,
+                    job.attempt,
+                    "released",
+                    error={
+                        "kind": "released",
+                        "error": "worker shut down before the job finished; requeued",
+                        "traceback": None,
+                    },
+                )
             raise
         except Exception as error:
             return self._failure(job, "failed", "exception", _describe(error), traceback.format_exc())
@@ -360,7 +383,9 @@ class Worker:
             result_json = json.dumps(result, allow_nan=False)
         except (TypeError, ValueError) as error:
             return self._failure(
-                job, "fatal", "bad_result",
+                job,
+                "fatal",
+                "bad_result",
                 f"InvalidResultError: the handler's return value is not JSON-serialisable: {error}",
             )
         return Outcome(job.id, job.attempt, "succeeded", result_json=result_json)
@@ -393,10 +418,13 @@ class Worker:
         retry_in: float | None = None,
     ) -> Outcome:
         if kind != "retry":
-            log.warning("job %d %s attempt %d/%d failed: %s", job.id, job.task, job.attempt,
-                        job.max_attempts, message)
+            log.warning(
+                "job %d %s attempt %d/%d failed: %s", job.id, job.task, job.attempt, job.max_attempts, message
+            )
         return Outcome(
-            job.id, job.attempt, kind,
+            job.id,
+            job.attempt,
+            kind,
             error={"kind": error_kind, "error": message, "traceback": trace},
             retry_in=retry_in,
         )
@@ -414,8 +442,11 @@ class Worker:
         while True:
             try:
                 connection = await psycopg.AsyncConnection.connect(
-                    self.app.dsn, autocommit=True, application_name="pgqueue-listen",
-                    connect_timeout=max(1, int(self.settings.statement_timeout)), **KEEPALIVES,
+                    self.app.dsn,
+                    autocommit=True,
+                    application_name="pgqueue-listen",
+                    connect_timeout=max(1, int(self.settings.statement_timeout)),
+                    **KEEPALIVES,
                 )
                 async with connection:
                     await connection.execute(f"listen {CHANNEL}")
@@ -428,8 +459,12 @@ class Worker:
                             self._wake.set()
             except CONNECTION_ERRORS as error:
                 delay = backoff.next_delay()
-                log.warning("LISTEN connection lost (%s); polling every %.1fs meanwhile, "
-                            "reconnecting in %.1fs", error, self.settings.poll_interval, delay)
+                log.warning(
+                    "LISTEN connection lost (%s); polling every %.1fs meanwhile, reconnecting in %.1fs",
+                    error,
+                    self.settings.poll_interval,
+                    delay,
+                )
                 await asyncio.sleep(delay)
 
     async def _maintenance_loop(self) -> None:
@@ -447,8 +482,7 @@ class Worker:
                         {"worker": self.worker_id, "ids": held, "lease_seconds": lease, "now": None},
                     )
                 except DatabaseUnavailable as error:
-                    log.warning("heartbeat failed (%s): leases of %d job(s) not extended",
-                                error, len(held))
+                    log.warning("heartbeat failed (%s): leases of %d job(s) not extended", error, len(held))
             if time.monotonic() >= next_rescue and not self._stopping:
                 next_rescue = time.monotonic() + rescue_every
                 try:
@@ -456,8 +490,11 @@ class Worker:
                 except DatabaseUnavailable:
                     rescued = []
                 for job_id, state in rescued:
-                    log.warning("job %d's lease expired (its worker died or lost the database): %s",
-                                job_id, "requeued" if state == "queued" else "dead-lettered")
+                    log.warning(
+                        "job %d's lease expired (its worker died or lost the database): %s",
+                        job_id,
+                        "requeued" if state == "queued" else "dead-lettered",
+                    )
             await asyncio.sleep(beat)
 
     # -- shutdown -------------------------------------------------------------------
@@ -482,8 +519,10 @@ class Worker:
             if self._forced:
                 if not await self._completer.wait_idle(timeout=5.0):
                     self._completer.abandon = True
-                    log.error("leaving %s unrecorded outcome(s) to be rescued after their leases",
-                              len(self._completer.unrecorded_ids()))
+                    log.error(
+                        "leaving %s unrecorded outcome(s) to be rescued after their leases",
+                        len(self._completer.unrecorded_ids()),
+                    )
                 break
 
 

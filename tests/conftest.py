@@ -89,8 +89,7 @@ def empty_dsn(server_dsn: str) -> Iterator[str]:
 @pytest.fixture
 def settings(dsn: str) -> Settings:
     # short leases and polls keep the crash tests quick; production defaults are longer
-    return Settings(dsn=dsn, lease_seconds=2.0, rescue_interval=0.5, poll_interval=0.5,
-                    shutdown_grace=5.0)
+    return Settings(dsn=dsn, lease_seconds=2.0, rescue_interval=0.5, poll_interval=0.5, shutdown_grace=5.0)
 
 
 @pytest.fixture

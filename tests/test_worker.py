@@ -31,7 +31,11 @@ def test_runs_async_sync_and_process_handlers_and_stores_results(app: App, dsn: 
 
     # a process-pool task must be importable by the child, so it lives at module level
     app.tasks["cpu"] = sample_app.cpu
-    ids = [double.enqueue(None, n=21), blocking.enqueue(None, text="hi"), app.enqueue(None, "cpu", {"n": 1000})]
+    ids = [
+        double.enqueue(None, n=21),
+        blocking.enqueue(None, text="hi"),
+        app.enqueue(None, "cpu", {"n": 1000}),
+    ]
     with running_worker(app):
         wait_for_states(dsn, ids)
     jobs = [app.get_job(job_id) for job_id in ids]
@@ -104,9 +108,7 @@ def test_unknown_task_at_run_time_is_dead_lettered_with_a_clear_error(app: App, 
     with psycopg.connect(dsn, autocommit=True) as connection:
         row = connection.execute("select pgqueue.enqueue('nobody.registered')").fetchone()
         assert row
-        bad_args = connection.execute(
-            "select pgqueue.enqueue('known', '{\"unexpected\": 1}')"
-        ).fetchone()
+        bad_args = connection.execute("select pgqueue.enqueue('known', '{\"unexpected\": 1}')").fetchone()
         assert bad_args
     with running_worker(app):
         wait_for_states(dsn, [row[0], bad_args[0]])

@@ -105,7 +105,7 @@ create function pgqueue.enqueue(
     backoff pgqueue.backoff_kind default 'exponential',
     backoff_base_seconds double precision default 1,
     backoff_max_seconds double precision default 3600,
-    backoff_jitter real default 0.1
+    backoff_jitter double precision default 0.1
 ) returns bigint
 language plpgsql volatile as $$
 declare

@@ -1,0 +1,124 @@
+"""Migrations: from zero to the committed schema, idempotent, concurrent, transactional, guarded."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgqueue import (
+    MigrationChecksumError,
+    SchemaNotMigratedError,
+    SchemaTooNewError,
+    check_schema,
+    migrate,
+    migrate_async,
+)
+from pgqueue.sql import latest_version, migrations
+from tests.schema_snapshot import SNAPSHOT, snapshot
+
+
+def has_schema(dsn: str) -> bool:
+    with psycopg.connect(dsn) as connection:
+        row = connection.execute("select to_regclass('pgqueue.jobs') is not null").fetchone()
+        return bool(row and row[0])
+
+
+def test_migrations_from_zero_equal_the_committed_schema(empty_dsn: str) -> None:
+    with psycopg.connect(empty_dsn, autocommit=True) as connection:
+        assert migrate(connection) == [migration.version for migration in migrations()]
+        current = snapshot(connection)
+    assert current == SNAPSHOT.read_text(), (
+        "the migrations no longer produce sql/schema.txt: regenerate it with "
+        "`python -m tests.schema_snapshot DSN` and review the difference"
+    )
+
+
+def test_migrating_twice_changes_nothing(empty_dsn: str) -> None:
+    with psycopg.connect(empty_dsn, autocommit=True) as connection:
+        assert migrate(connection) == [1]
+        assert migrate(connection) == []
+        rows = connection.execute("select version, name from pgqueue.migrations").fetchall()
+        assert rows == [(1, "initial")]
+        assert check_schema(connection) == latest_version()
+
+
+def test_concurrent_migrations_apply_once(empty_dsn: str) -> None:
+    barrier = threading.Barrier(6)
+    results: list[list[int]] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with psycopg.connect(empty_dsn, autocommit=True) as connection:
+                barrier.wait()
+                results.append(migrate(connection))
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=run) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert sorted(results) == [[], [], [], [], [], [1]]
+
+
+def test_migration_rolls_back_with_the_callers_transaction(empty_dsn: str) -> None:
+    with psycopg.connect(empty_dsn) as connection:
+        connection.execute("create table app_table (id int)")
+        assert migrate(connection) == [1]
+        connection.rollback()
+    assert not has_schema(empty_dsn)
+    with psycopg.connect(empty_dsn) as connection:
+        assert migrate(connection) == [1]
+        assert not has_schema(empty_dsn)  # not committed yet: the caller decides
+    assert has_schema(empty_dsn)
+
+
+def test_async_migration_in_the_callers_transaction(empty_dsn: str) -> None:
+    async def scenario() -> list[int]:
+        async with await psycopg.AsyncConnection.connect(empty_dsn) as connection:
+            applied = await migrate_async(connection)
+            await connection.rollback()
+            assert not has_schema(empty_dsn)
+            return applied + await migrate_async(connection)
+
+    assert asyncio.run(scenario()) == [1, 1]
+    assert has_schema(empty_dsn)
+
+
+def test_an_edited_released_migration_is_refused(connection: psycopg.Connection[Any]) -> None:
+    connection.execute("update pgqueue.migrations set checksum = 'edited' where version = 1")
+    with pytest.raises(MigrationChecksumError, match="must never be edited"):
+        migrate(connection)
+
+
+def test_a_newer_schema_is_refused(connection: psycopg.Connection[Any]) -> None:
+    connection.execute(
+        "insert into pgqueue.migrations (version, name, checksum) values (9999, 'future', 'x')"
+    )
+    with pytest.raises(SchemaTooNewError, match="upgrade pgqueue"):
+        migrate(connection)
+    with pytest.raises(SchemaTooNewError):
+        check_schema(connection)
+
+
+def test_missing_schema_is_reported(empty_dsn: str) -> None:
+    with (
+        psycopg.connect(empty_dsn) as connection,
+        pytest.raises(SchemaNotMigratedError, match="pgqueue migrate"),
+    ):
+        check_schema(connection)
+
+
+def test_the_migration_files_ship_inside_the_package() -> None:
+    from importlib import resources
+
+    folder = resources.files("pgqueue").joinpath("_sql", "migrations")
+    assert folder.joinpath("0001_initial.sql").is_file()
+    assert [migration.version for migration in migrations()] == list(range(1, latest_version() + 1))

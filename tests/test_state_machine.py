@@ -1,0 +1,216 @@
+"""The SQL state machine with an injected clock: exact backoff, leases, rescue, cancel, redrive."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+
+T0 = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def enqueue(connection: psycopg.Connection[Any], **options: Any) -> int:
+    names = ", ".join(f"{key} => %({key})s" for key in options)
+    row = connection.execute(
+        f"select pgqueue.enqueue('t', '{{}}'{', ' if names else ''}{names})", options
+    ).fetchone()
+    assert row
+    return int(row[0])
+
+
+def claim(
+    connection: psycopg.Connection[Any], now: datetime, worker: str = "w1", limit: int = 10, lease: float = 30
+) -> list[int]:
+    rows = connection.execute(
+        "select id from pgqueue.claim_jobs(%s, %s, %s, %s, %s)",
+        (worker, ["default"], limit, lease, now),
+    ).fetchall()
+    return sorted(row[0] for row in rows)
+
+
+def fail(
+    connection: psycopg.Connection[Any],
+    job_id: int,
+    attempt: int,
+    now: datetime,
+    outcome: str = "failed",
+    retry_in: float | None = None,
+    worker: str = "w1",
+) -> list[Any]:
+    return connection.execute(
+        "select id, state::text, run_at from pgqueue.complete_jobs(%s, %s, %s, %s, %s::jsonb[],"
+        " %s::jsonb[], %s::double precision[], %s)",
+        (
+            worker,
+            [job_id],
+            [attempt],
+            [outcome],
+            [None],
+            [json.dumps({"kind": "exception", "error": "boom", "traceback": None})],
+            [retry_in],
+            now,
+        ),
+    ).fetchall()
+
+
+def job(connection: psycopg.Connection[Any], job_id: int) -> tuple[Any, ...]:
+    row = connection.execute(
+        "select state::text, attempt, run_at, worker, lease_expires_at, jsonb_array_length(errors)"
+        " from pgqueue.jobs where id = %s",
+        (job_id,),
+    ).fetchone()
+    assert row
+    return tuple(row)
+
+
+@pytest.mark.parametrize(
+    ("backoff", "base", "cap", "expected"),
+    [
+        ("exponential", 2.0, 3600.0, [2, 4, 8, 16, 32]),
+        ("exponential", 1.0, 5.0, [1, 2, 4, 5, 5]),
+        ("linear", 3.0, 3600.0, [3, 6, 9, 12, 15]),
+        ("fixed", 7.0, 7.0, [7, 7, 7, 7, 7]),
+    ],
+)
+def test_exact_backoff_timestamps_with_an_injected_clock(
+    connection: psycopg.Connection[Any], backoff: str, base: float, cap: float, expected: list[int]
+) -> None:
+    job_id = enqueue(
+        connection,
+        run_at=T0,
+        max_attempts=6,
+        backoff=backoff,
+        backoff_base_seconds=base,
+        backoff_max_seconds=cap,
+        backoff_jitter=0.0,
+    )
+    now = T0
+    for attempt, delay in enumerate(expected, start=1):
+        assert claim(connection, now) == [job_id]
+        # one second of work, then the failure is recorded
+        now += timedelta(seconds=1)
+        [(_, state, run_at)] = fail(connection, job_id, attempt, now)
+        assert state == "queued"
+        assert run_at == now + timedelta(seconds=delay), f"attempt {attempt}"
+        # not claimable a microsecond early, claimable exactly on time
+        assert claim(connection, run_at - timedelta(microseconds=1)) == []
+        now = run_at
+    assert claim(connection, now) == [job_id]
+    [(_, state, _)] = fail(connection, job_id, 6, now)
+    assert state == "dead"
+    assert job(connection, job_id)[5] == 6  # every attempt's error kept
+
+
+def test_jitter_shortens_the_delay_by_at_most_its_fraction_and_is_repeatable(
+    connection: psycopg.Connection[Any],
+) -> None:
+    delays = []
+    for _ in range(20):
+        job_id = enqueue(connection, run_at=T0, backoff_base_seconds=100.0, backoff_jitter=0.5)
+        claim(connection, T0, limit=1)
+        [(_, _, run_at)] = fail(connection, job_id, 1, T0)
+        delays.append((run_at - T0).total_seconds())
+        row = connection.execute(
+            "select pgqueue.backoff_seconds('exponential', 100, 3600, 0.5, 1, %s)", (job_id,)
+        ).fetchone()
+        assert row and row[0] == pytest.approx(delays[-1], abs=1e-5)
+    assert all(50 <= delay <= 100 for delay in delays)
+    assert len({round(delay, 3) for delay in delays}) > 10  # spread out, not one thundering herd
+
+
+def test_handler_requested_retry_uses_its_own_delay(connection: psycopg.Connection[Any]) -> None:
+    job_id = enqueue(connection, run_at=T0)
+    claim(connection, T0)
+    [(_, state, run_at)] = fail(connection, job_id, 1, T0, outcome="retry", retry_in=42.5)
+    assert (state, run_at) == ("queued", T0 + timedelta(seconds=42.5))
+
+
+def test_fatal_goes_straight_to_the_dead_letter(connection: psycopg.Connection[Any]) -> None:
+    job_id = enqueue(connection, run_at=T0, max_attempts=10)
+    claim(connection, T0)
+    [(_, state, _)] = fail(connection, job_id, 1, T0, outcome="fatal")
+    assert state == "dead"
+
+
+def test_claim_takes_a_lease_and_skips_locked_and_running_jobs(connection: psycopg.Connection[Any]) -> None:
+    ids = [enqueue(connection, run_at=T0) for _ in range(5)]
+    assert claim(connection, T0, worker="a", limit=3, lease=10) == ids[:3]
+    assert claim(connection, T0, worker="b", limit=10, lease=10) == ids[3:]
+    assert claim(connection, T0, worker="c") == []
+    state, attempt, _, worker, lease_expires_at, _ = job(connection, ids[0])
+    assert (state, attempt, worker, lease_expires_at) == ("running", 1, "a", T0 + timedelta(seconds=10))
+    # a row locked by another transaction is skipped, not waited for
+    enqueue(connection, run_at=T0)
+    with psycopg.connect(connection.info.dsn) as other:
+        other.execute("select id from pgqueue.jobs where state = 'queued' for update")
+        assert claim(connection, T0, worker="c") == []
+    assert len(claim(connection, T0, worker="c")) == 1
+
+
+def test_outcome_from_a_worker_that_lost_its_lease_changes_nothing(
+    connection: psycopg.Connection[Any],
+) -> None:
+    job_id = enqueue(connection, run_at=T0, max_attempts=5)
+    claim(connection, T0, worker="old", lease=5)
+    # the lease runs out and a sweep rescues the job
+    rescued = connection.execute(
+        "select id, state::text from pgqueue.rescue_expired_jobs(%s)", (T0 + timedelta(seconds=6),)
+    ).fetchall()
+    assert rescued == [(job_id, "queued")]
+    state, attempt, _, worker, _, errors = job(connection, job_id)
+    assert (state, attempt, worker, errors) == ("queued", 1, None, 1)
+    claim(connection, T0 + timedelta(seconds=6), worker="new")
+    # the old worker comes back and reports success: ignored, the new attempt owns the job
+    late = connection.execute(
+        "select id from pgqueue.complete_jobs('old', %s, %s, %s, %s::jsonb[], %s::jsonb[],"
+        " %s::double precision[], %s)",
+        ([job_id], [1], ["succeeded"], ['"late"'], [None], [None], T0 + timedelta(seconds=7)),
+    ).fetchall()
+    assert late == []
+    assert job(connection, job_id)[:2] == ("running", 2)
+
+
+def test_heartbeat_extends_only_the_owners_leases(connection: psycopg.Connection[Any]) -> None:
+    mine, theirs = enqueue(connection, run_at=T0), enqueue(connection, run_at=T0)
+    claim(connection, T0, worker="me", limit=1, lease=5)
+    claim(connection, T0, worker="them", limit=1, lease=5)
+    later = T0 + timedelta(seconds=4)
+    extended = connection.execute(
+        "select pgqueue.heartbeat('me', %s, 5, %s)", ([mine, theirs], later)
+    ).fetchall()
+    assert extended == [(mine,)]
+    assert job(connection, mine)[4] == later + timedelta(seconds=5)
+    assert job(connection, theirs)[4] == T0 + timedelta(seconds=5)
+    rescued = connection.execute(
+        "select id from pgqueue.rescue_expired_jobs(%s)", (T0 + timedelta(seconds=6),)
+    ).fetchall()
+    assert rescued == [(theirs,)]
+
+
+def test_rescue_dead_letters_a_job_on_its_last_attempt(connection: psycopg.Connection[Any]) -> None:
+    job_id = enqueue(connection, run_at=T0, max_attempts=1)
+    claim(connection, T0, lease=1)
+    rescued = connection.execute(
+        "select id, state::text from pgqueue.rescue_expired_jobs(%s)", (T0 + timedelta(seconds=2),)
+    ).fetchall()
+    assert rescued == [(job_id, "dead")]
+    row = connection.execute(
+        "select errors->0->>'kind', errors->0->>'error' from pgqueue.jobs where id = %s", (job_id,)
+    ).fetchone()
+    assert row and row[0] == "lease_expired" and "stopped heartbeating" in row[1]
+
+
+def test_cancel_and_redrive_from_sql(connection: psycopg.Connection[Any]) -> None:
+    queued, running = enqueue(connection, run_at=T0), enqueue(connection, run_at=T0)
+    claim(connection, T0, limit=1)  # takes `queued` (lower id)... so cancel the other one
+    row = connection.execute("select pgqueue.cancel_job(%s)", (running,)).fetchone()
+    assert row == (True,)
+    row = connection.execute("select pgqueue.cancel_job(%s)", (queued,)).fetchone()
+    assert row == (False,)  # already running: not cancelled
+    assert job(connection, running)[0] == "cancelled"
+    row = connection.execute("select pgqueue.retry_job(%s)", (running,)).fetchone()
+    assert row == (True,)
+    assert job(connection, running)[:2] == ("queued", 0)
