@@ -66,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dsn", help="database (default: $PGQUEUE_DSN, else an embedded Postgres)")
     parser.add_argument("--data-dir", help="embedded Postgres data directory ($PGQUEUE_DATA_DIR)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
     def usage(_: argparse.Namespace) -> int:
         parser.print_help()
         return EXIT_USAGE

@@ -35,7 +35,7 @@ from .completer import Completer, Outcome
 from .connection import CONNECTION_ERRORS, Backoff, DatabaseUnavailable, WorkerConnection
 from .context import JobContext, _current
 from .database import KEEPALIVES
-from .errors import SchemaError
+from .errors import ConfigurationError, SchemaError
 from .migrate import check_schema_async
 from .models import NAME_PATTERN
 from .outcomes import Fail, Retry
@@ -89,10 +89,10 @@ class Worker:
         self.queues = list(queues or self.settings.queues or app.queues())
         for queue in self.queues:
             if not NAME_PATTERN.match(queue):
-                raise ValueError(f"invalid queue name {queue!r}")
+                raise ConfigurationError(f"invalid queue name {queue!r}: letters, digits, '_', '.', ':', '-'")
         self.concurrency = concurrency or self.settings.concurrency
         if self.concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
+            raise ConfigurationError("concurrency must be at least 1")
         self.listen = self.settings.listen if listen is None else listen
         self.burst = burst
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
