@@ -515,7 +515,15 @@ class Worker:
             await asyncio.gather(*leftover, return_exceptions=True)
         # Record every outcome before leaving; when forced, give it a few seconds only:
         # what stays unrecorded is rescued when its lease expires.
+        waited = 0
         while not await self._completer.wait_idle(timeout=1.0):
+            waited += 1
+            if waited % 10 == 1 and not self._forced:
+                log.warning(
+                    "waiting to record %d job outcome(s) before exiting (signal again to give up "
+                    "and leave them to the lease rescue)",
+                    len(self._completer.unrecorded_ids()),
+                )
             if self._forced:
                 if not await self._completer.wait_idle(timeout=5.0):
                     self._completer.abandon = True
