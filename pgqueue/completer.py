@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import psycopg
+
 from .connection import Backoff, DatabaseUnavailable, WorkerConnection
 from .sql import query
 
@@ -95,6 +97,15 @@ class Completer:
                         )
                         await asyncio.sleep(delay)
                         continue
+                    except psycopg.Error as error:
+                        # The server refused the batch itself (say, a result jsonb cannot hold):
+                        # retrying it whole would never end, so find the culprit row by row.
+                        log.error("could not record a batch of outcomes (%s); recording one by one", error)
+                        try:
+                            rows = await self._record_one_by_one(self._in_flight)
+                        except DatabaseUnavailable:
+                            await asyncio.sleep(backoff.next_delay())
+                            continue  # rows already recorded match nothing the second time
                     if backoff.failures:
                         log.info("database reachable again: recorded %d job outcome(s)", len(rows))
                     backoff.reset()
@@ -110,6 +121,29 @@ class Completer:
             self._flusher = None
             if not self._pending or self.abandon:
                 self._idle.set()
+
+    async def _record_one_by_one(self, batch: list[Outcome]) -> list[tuple[Any, ...]]:
+        rows: list[tuple[Any, ...]] = []
+        for outcome in batch:
+            try:
+                rows += await self._connection.fetch(query("complete_jobs"), self._params([outcome]))
+                continue
+            except psycopg.Error as error:
+                failure = Outcome(
+                    outcome.job_id,
+                    outcome.attempt,
+                    "fatal",
+                    error={
+                        "kind": "unrecordable_outcome",
+                        "error": f"the {outcome.kind} outcome could not be stored: {error}",
+                        "traceback": None,
+                    },
+                )
+            try:
+                rows += await self._connection.fetch(query("complete_jobs"), self._params([failure]))
+            except psycopg.Error:
+                log.exception("could not record job %d at all; its lease will expire", outcome.job_id)
+        return rows
 
     def _params(self, batch: list[Outcome]) -> dict[str, Any]:
         return {

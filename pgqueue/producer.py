@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -18,6 +19,9 @@ from .sql import query
 # Payloads larger than this are refused at the edge: a job row is read on every claim,
 # and big blobs belong in a table of their own with the job carrying the key.
 MAX_ARGS_BYTES = 1_000_000
+# jsonb cannot store U+0000; json.dumps writes it as \u0000 (an escaped backslash before
+# "u0000" is an ordinary string and allowed)
+JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,10 @@ def encode_args(task: str, args: dict[str, Any]) -> str:
         text = json.dumps(args, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as error:
         raise InvalidJobError(f"arguments of task {task!r} must be JSON-serialisable: {error}") from None
+    if JSON_NUL.search(text):
+        raise InvalidJobError(
+            f"arguments of task {task!r} contain a NUL character (\\u0000), which jsonb cannot store"
+        )
     if len(text) > MAX_ARGS_BYTES:
         raise InvalidJobError(
             f"arguments of task {task!r} are {len(text)} bytes of JSON; the limit is "

@@ -34,11 +34,11 @@ from .app import App
 from .completer import Completer, Outcome
 from .connection import CONNECTION_ERRORS, Backoff, DatabaseUnavailable, WorkerConnection
 from .context import JobContext, _current
-from .database import KEEPALIVES
 from .errors import ConfigurationError, SchemaError
 from .migrate import check_schema_async
 from .models import NAME_PATTERN
 from .outcomes import Fail, Retry
+from .producer import JSON_NUL
 from .settings import Settings
 from .sql import query
 from .tasks import Task, run_in_process
@@ -381,6 +381,8 @@ class Worker:
             return self._failure(job, "failed", "exception", _describe(error), traceback.format_exc())
         try:
             result_json = json.dumps(result, allow_nan=False)
+            if JSON_NUL.search(result_json):
+                raise ValueError("it contains a NUL character (\\u0000), which jsonb cannot store")
         except (TypeError, ValueError) as error:
             return self._failure(
                 job,
@@ -421,6 +423,9 @@ class Worker:
             log.warning(
                 "job %d %s attempt %d/%d failed: %s", job.id, job.task, job.attempt, job.max_attempts, message
             )
+        # jsonb cannot hold U+0000, which an exception message may well contain
+        message = message.replace("\x00", "\\x00")
+        trace = trace.replace("\x00", "\\x00") if trace else trace
         return Outcome(
             job.id,
             job.attempt,
@@ -439,33 +444,36 @@ class Worker:
         assert self._wake
         backoff = Backoff(cap=self.settings.reconnect_max_delay)
         served = set(self.queues)
-        while True:
-            try:
-                connection = await psycopg.AsyncConnection.connect(
-                    self.app.dsn,
-                    autocommit=True,
-                    application_name="pgqueue-listen",
-                    connect_timeout=max(1, int(self.settings.statement_timeout)),
-                    **KEEPALIVES,
-                )
-                async with connection:
-                    await connection.execute(f"listen {CHANNEL}")
+        listener = WorkerConnection(self.app.dsn, "listen", self.settings.statement_timeout)
+        # A silent network cut leaves a LISTEN socket open but deaf; probing the link
+        # whenever it has been quiet this long notices, and we reconnect.
+        probe_every = max(1.0, min(5.0, self.settings.statement_timeout))
+        try:
+            while True:
+                try:
+                    await listener.fetch(f"listen {CHANNEL}", {})
+                    connection = await listener.connect()
                     if backoff.failures:
                         log.info("LISTEN connection back")
                     backoff.reset()
                     self._wake.set()  # notifications sent while we were away are lost: look now
-                    async for notification in connection.notifies():
-                        if notification.payload in served:
-                            self._wake.set()
-            except CONNECTION_ERRORS as error:
-                delay = backoff.next_delay()
-                log.warning(
-                    "LISTEN connection lost (%s); polling every %.1fs meanwhile, reconnecting in %.1fs",
-                    error,
-                    self.settings.poll_interval,
-                    delay,
-                )
-                await asyncio.sleep(delay)
+                    while True:
+                        async for notification in connection.notifies(timeout=probe_every):
+                            if notification.payload in served:
+                                self._wake.set()
+                        await listener.fetch("select 1", {})
+                except (DatabaseUnavailable, *CONNECTION_ERRORS) as error:
+                    await listener.discard()
+                    delay = backoff.next_delay()
+                    log.warning(
+                        "LISTEN connection lost (%s); polling every %.1fs meanwhile, reconnecting in %.1fs",
+                        error,
+                        self.settings.poll_interval,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+        finally:
+            await listener.close()
 
     async def _maintenance_loop(self) -> None:
         """Heartbeat the leases of running jobs; now and then rescue other workers' expired jobs."""
@@ -483,11 +491,17 @@ class Worker:
                     )
                 except DatabaseUnavailable as error:
                     log.warning("heartbeat failed (%s): leases of %d job(s) not extended", error, len(held))
+                except psycopg.Error:
+                    # not a lost connection: log it loudly, but a heartbeat must never stop for good
+                    log.exception("heartbeat failed")
             if time.monotonic() >= next_rescue and not self._stopping:
                 next_rescue = time.monotonic() + rescue_every
                 try:
                     rescued = await self._maintainer.fetch(query("rescue_expired_jobs"), {"now": None})
                 except DatabaseUnavailable:
+                    rescued = []
+                except psycopg.Error:
+                    log.exception("rescue sweep failed")
                     rescued = []
                 for job_id, state in rescued:
                     log.warning(

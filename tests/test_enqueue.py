@@ -225,6 +225,7 @@ def test_unknown_task_name_is_refused_when_the_registry_is_known(settings: Any) 
         ({"user_id": 1, "extra": 2}, "bad arguments"),
         ({}, "bad arguments"),
         ({"user_id": "x" * 1_100_000}, "limit"),
+        ({"user_id": "nul\x00byte"}, "NUL character"),
     ],
 )
 def test_bad_arguments_are_refused_before_anything_is_written(

@@ -6,16 +6,19 @@ import collections
 import contextlib
 import os
 import pwd
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
+import psycopg.conninfo
 import pytest
 
 from pgqueue import App, Settings, migrate
@@ -178,3 +181,124 @@ def test_worker_survives_a_database_restart_and_records_what_finished_meanwhile(
     assert worker.returncode == 0, output
     assert "database unavailable" in output
     assert "Traceback" not in output
+
+
+class SeverableProxy:
+    """A TCP proxy to PostgreSQL whose link can be cut silently, like a pulled cable.
+
+    While cut, bytes in either direction are swallowed (no reset reaches either side),
+    and links opened before or during the cut stay dead afterwards.
+    """
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.generation = 0
+        self.cut_now = False
+        self.closing = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut(self) -> None:
+        self.cut_now = True
+        self.generation += 1
+
+    def restore(self) -> None:
+        self.generation += 1
+        self.cut_now = False
+
+    def close(self) -> None:
+        self.closing = True
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while not self.closing:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            generation = self.generation
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink, generation), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, generation: int) -> None:
+        while not self.closing:
+            ready, _, _ = select.select([source], [], [], 0.2)
+            if not ready:
+                continue
+            try:
+                data = source.recv(65536)
+            except OSError:
+                return
+            if not data:
+                with contextlib.suppress(OSError):
+                    sink.shutdown(socket.SHUT_WR)
+                return
+            if self.cut_now or generation != self.generation:
+                continue  # swallowed: the link is dead
+            with contextlib.suppress(OSError):
+                sink.sendall(data)
+
+
+def test_worker_survives_a_silent_network_cut(dsn: str, tmp_path: Path) -> None:
+    target = psycopg.conninfo.conninfo_to_dict(dsn)
+    proxy = SeverableProxy(str(target.get("host", "127.0.0.1")), int(target.get("port", 5432)))
+    through_proxy = psycopg.conninfo.make_conninfo(dsn, host="127.0.0.1", port=proxy.port)
+    log = tmp_path / "executions.log"
+    worker = subprocess.Popen(
+        pgqueue_command(
+            "--dsn",
+            through_proxy,
+            "worker",
+            "tests.sample_app:app",
+            "--concurrency",
+            "10",
+            "--lease-seconds",
+            "30",
+        ),
+        cwd=REPOSITORY,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={
+            **os.environ,
+            "PGQUEUE_TEST_LOG": str(log),
+            "PGQUEUE_RECONNECT_MAX_DELAY": "0.5",
+            "PGQUEUE_POLL_INTERVAL": "0.2",
+            "PGQUEUE_STATEMENT_TIMEOUT": "1.5",
+        },
+    )
+    app = App(Settings(dsn=dsn))
+    sample_app.app.configure(Settings(dsn=dsn))
+
+    def lines() -> list[str]:
+        return log.read_text().splitlines() if log.exists() else []
+
+    try:
+        before = sample_app.sleep_then_record.enqueue_many(None, [{"seconds": 1.0}] * 5)
+        wait_for(
+            lambda: sum(line.startswith("start") for line in lines()) == 5,
+            timeout=60,
+            what="five jobs to start",
+        )
+        proxy.cut()
+        time.sleep(4)  # the jobs finish; the worker's calls hang, time out, and reconnects hang too
+        assert sum(line.startswith("end") for line in lines()) == 5
+        assert worker.poll() is None
+        proxy.restore()
+        after = sample_app.record.enqueue_many(None, [{"n": n} for n in range(10)])
+        states = wait_for_states(dsn, [*before, *after], timeout=120)
+        assert set(states.values()) == {"succeeded"}
+        ended = [int(line.split()[1]) for line in lines() if line.startswith("end")]
+        recorded = [int(line.split()[0]) for line in lines() if line[0].isdigit()]
+        assert sorted(ended) == sorted(before) and sorted(recorded) == sorted(after)  # each ran once
+        assert all(app.get_job(job_id).attempt == 1 for job_id in before)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        output, _ = worker.communicate(timeout=60)
+        proxy.close()
+        app.close()
+        sample_app.app.close()
+    assert worker.returncode == 0, output
+    assert "database unavailable" in output

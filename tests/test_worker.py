@@ -311,3 +311,25 @@ def test_context_is_visible_in_sync_handlers(app: App, dsn: str) -> None:
         wait_for_states(dsn, [job_id])
     assert app.get_job(job_id).result == job_id
     assert seen[0].task == "who_am_i" and seen[0].attempt == 1
+
+
+def test_nul_characters_in_results_and_errors_never_block_the_completer(app: App, dsn: str) -> None:
+    @app.task(name="nul_result", max_attempts=1)
+    async def nul_result() -> str:
+        return "a\x00b"
+
+    @app.task(name="nul_error", max_attempts=1)
+    async def nul_error() -> None:
+        raise ValueError("bad\x00byte")
+
+    @app.task(name="fine")
+    async def fine() -> str:
+        return "ok"
+
+    ids = [nul_result.enqueue(None), nul_error.enqueue(None), fine.enqueue(None)]
+    with running_worker(app):
+        wait_for_states(dsn, ids)
+    bad_result, bad_error, ok = (app.get_job(job_id) for job_id in ids)
+    assert bad_result.state is JobState.DEAD and "NUL character" in bad_result.errors[0]["error"]
+    assert bad_error.state is JobState.DEAD and "bad\\x00byte" in bad_error.errors[0]["error"]
+    assert ok.result == "ok"
