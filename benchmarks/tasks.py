@@ -34,7 +34,5 @@ async def record_latency(seq: int) -> None:
     started = time.time()
     global _latency_fd
     if _latency_fd is None:
-        _latency_fd = os.open(
-            os.environ[LATENCY_FILE_ENV], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644
-        )
+        _latency_fd = os.open(os.environ[LATENCY_FILE_ENV], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.write(_latency_fd, f"{seq} {started!r}\n".encode())

@@ -29,6 +29,10 @@ class DatabaseUnavailable(Exception):
     """The database could not be reached or the connection broke mid-call."""
 
 
+# Either of the above, or our own wrapper of them.
+LINK_ERRORS: tuple[type[BaseException], ...] = (DatabaseUnavailable, *CONNECTION_ERRORS)
+
+
 class Backoff:
     """Exponential backoff with full jitter, reset after a success."""
 

@@ -32,7 +32,7 @@ import psycopg
 
 from .app import App
 from .completer import Completer, Outcome
-from .connection import CONNECTION_ERRORS, Backoff, DatabaseUnavailable, WorkerConnection
+from .connection import CONNECTION_ERRORS, LINK_ERRORS, Backoff, DatabaseUnavailable, WorkerConnection
 from .context import JobContext, _current
 from .errors import ConfigurationError, SchemaError
 from .migrate import check_schema_async
@@ -462,7 +462,7 @@ class Worker:
                             if notification.payload in served:
                                 self._wake.set()
                         await listener.fetch("select 1", {})
-                except (DatabaseUnavailable, *CONNECTION_ERRORS) as error:
+                except LINK_ERRORS as error:
                     await listener.discard()
                     delay = backoff.next_delay()
                     log.warning(
