@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import psycopg
 
-from .connection import Backoff, DatabaseUnavailable, WorkerConnection
+from .connection import Backoff, DatabaseUnavailable, WorkerConnection, is_data_error
 from .sql import query
 
 log = logging.getLogger("pgqueue")
@@ -98,12 +98,25 @@ class Completer:
                         await asyncio.sleep(delay)
                         continue
                     except psycopg.Error as error:
-                        # The server refused the batch itself (say, a result jsonb cannot hold):
-                        # retrying it whole would never end, so find the culprit row by row.
+                        if not is_data_error(error):
+                            # e.g. a failover left us on a read-only server, or a deploy is
+                            # mid-way: keep the outcomes and try again
+                            delay = backoff.next_delay()
+                            log.error(
+                                "could not record %d job outcome(s) (%s: %s); retrying in %.1fs",
+                                len(self._in_flight),
+                                type(error).__name__,
+                                error,
+                                delay,
+                            )
+                            await asyncio.sleep(delay)
+                            continue
+                        # The server refused the data itself: retrying the batch whole would
+                        # never end, so find the culprit row by row.
                         log.error("could not record a batch of outcomes (%s); recording one by one", error)
                         try:
                             rows = await self._record_one_by_one(self._in_flight)
-                        except DatabaseUnavailable:
+                        except (DatabaseUnavailable, psycopg.Error):
                             await asyncio.sleep(backoff.next_delay())
                             continue  # rows already recorded match nothing the second time
                     if backoff.failures:
@@ -129,6 +142,8 @@ class Completer:
                 rows += await self._connection.fetch(query("complete_jobs"), self._params([outcome]))
                 continue
             except psycopg.Error as error:
+                if not is_data_error(error):
+                    raise
                 failure = Outcome(
                     outcome.job_id,
                     outcome.attempt,

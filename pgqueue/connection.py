@@ -29,8 +29,23 @@ class DatabaseUnavailable(Exception):
     """The database could not be reached or the connection broke mid-call."""
 
 
-# Either of the above, or our own wrapper of them.
-LINK_ERRORS: tuple[type[BaseException], ...] = (DatabaseUnavailable, *CONNECTION_ERRORS)
+# SQLSTATEs of a server that is going away or cannot take us now (class 08: connection
+# exception; 53: insufficient resources; 57P0x: shutdown, crash, not yet accepting).
+_LINK_STATES = ("08", "53", "57P01", "57P02", "57P03", "57P05")
+
+
+def is_link_failure(error: BaseException) -> bool:
+    """True when `error` says the link to the database failed, not the statement."""
+    if isinstance(error, psycopg.OperationalError):
+        state = error.sqlstate
+        return state is None or state.startswith(_LINK_STATES)
+    return isinstance(error, CONNECTION_ERRORS)
+
+
+def is_data_error(error: BaseException) -> bool:
+    """True when the server refused the data itself (class 22 data exception, 54 limits)."""
+    state = getattr(error, "sqlstate", None)
+    return isinstance(state, str) and state.startswith(("22", "54"))
 
 
 class Backoff:
@@ -76,7 +91,11 @@ class WorkerConnection:
         return self._connection
 
     async def fetch(self, statement: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-        """Run one statement and return its rows; DatabaseUnavailable if the link failed."""
+        """Run one statement and return its rows.
+
+        Raises DatabaseUnavailable when the link failed (the caller retries later), and
+        the server's own error, unchanged, when the statement failed.
+        """
         try:
             async with asyncio.timeout(self.timeout):
                 connection = await self.connect()
@@ -84,6 +103,10 @@ class WorkerConnection:
                 await cursor.execute(statement, params)
                 return await cursor.fetchall() if cursor.description is not None else []
         except CONNECTION_ERRORS as error:
+            if not is_link_failure(error):
+                if self._connection is not None and self._connection.broken:
+                    await self.discard()
+                raise
             await self.discard()
             raise DatabaseUnavailable(f"{type(error).__name__}: {error}".strip()) from error
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -12,9 +11,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import InvalidJobError
+from .outcomes import MAX_DELAY_SECONDS
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$")
-TASK_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,199}$")
+# used with fullmatch: "$" alone would let a trailing newline through
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
+TASK_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,199}")
 
 
 class JobState(enum.StrEnum):
@@ -68,8 +69,8 @@ class RetryPolicy(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     kind: Literal["exponential", "linear", "fixed"] = "exponential"
-    base: Seconds = Field(default=1.0, ge=0, allow_inf_nan=False)
-    max: Seconds = Field(default=3600.0, ge=0, allow_inf_nan=False)
+    base: Seconds = Field(default=1.0, ge=0, le=MAX_DELAY_SECONDS, allow_inf_nan=False)
+    max: Seconds = Field(default=3600.0, ge=0, le=MAX_DELAY_SECONDS, allow_inf_nan=False)
     jitter: float = Field(default=0.1, ge=0, le=1)
 
     @classmethod
@@ -99,16 +100,16 @@ class JobOptions(BaseModel):
 
     queue: str = "default"
     priority: PriorityValue = 0
-    delay: Seconds = Field(default=0.0, ge=0, allow_inf_nan=False)
+    delay: Seconds = Field(default=0.0, ge=0, le=MAX_DELAY_SECONDS, allow_inf_nan=False)
     run_at: datetime | None = None
     max_attempts: int = Field(default=10, ge=1, le=1_000_000)
-    timeout: Seconds | None = Field(default=None, gt=0, allow_inf_nan=False)
+    timeout: Seconds | None = Field(default=None, gt=0, le=MAX_DELAY_SECONDS, allow_inf_nan=False)
     retry: RetryPolicy = RetryPolicy()
 
     @field_validator("queue")
     @classmethod
     def _queue_name(cls, value: str) -> str:
-        if not NAME_PATTERN.match(value):
+        if not NAME_PATTERN.fullmatch(value):
             raise ValueError(
                 "queue names are 1-100 characters of letters, digits, '_', '.', ':' or '-', "
                 f"starting with a letter or digit; got {value!r}"
@@ -159,7 +160,7 @@ def describe_validation_error(error: ValidationError) -> str:
 
 
 def validate_task_name(name: str) -> str:
-    if not TASK_NAME_PATTERN.match(name):
+    if not TASK_NAME_PATTERN.fullmatch(name):
         raise InvalidJobError(
             f"task names are 1-200 characters of letters, digits, '_', '.', ':' or '-', "
             f"starting with a letter or '_'; got {name!r}"
@@ -194,7 +195,3 @@ class Job:
         values = list(row)
         values[5] = JobState(values[5])
         return cls(*values)
-
-
-def finite(value: float) -> bool:
-    return not (math.isnan(value) or math.isinf(value))

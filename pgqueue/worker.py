@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import concurrent.futures.process
 import contextlib
 import contextvars
 import functools
@@ -32,7 +33,7 @@ import psycopg
 
 from .app import App
 from .completer import Completer, Outcome
-from .connection import CONNECTION_ERRORS, LINK_ERRORS, Backoff, DatabaseUnavailable, WorkerConnection
+from .connection import CONNECTION_ERRORS, Backoff, DatabaseUnavailable, WorkerConnection
 from .context import JobContext, _current
 from .errors import ConfigurationError, SchemaError
 from .migrate import check_schema_async
@@ -46,6 +47,8 @@ from .tasks import Task, run_in_process
 log = logging.getLogger("pgqueue")
 
 CHANNEL = "pgqueue_jobs"
+# A result is read back by whoever asks for it; beyond this it belongs in a table of its own.
+MAX_RESULT_BYTES = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ class Worker:
         self.settings = settings or app.settings
         self.queues = list(queues or self.settings.queues or app.queues())
         for queue in self.queues:
-            if not NAME_PATTERN.match(queue):
+            if not NAME_PATTERN.fullmatch(queue):
                 raise ConfigurationError(f"invalid queue name {queue!r}: letters, digits, '_', '.', ':', '-'")
         self.concurrency = concurrency or self.settings.concurrency
         if self.concurrency < 1:
@@ -98,7 +101,8 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.install_signal_handlers = install_signal_handlers
         self.jobs_done = 0
-        self._running: dict[int, tuple[ClaimedJob, asyncio.Task[None]]] = {}
+        self._running: dict[tuple[int, int], asyncio.Task[None]] = {}
+        self._lingering = 0  # executor threads/processes still busy with timed-out jobs
         self._stopping = False
         self._forced = False
         self._releasing = False
@@ -166,7 +170,10 @@ class Worker:
         dsn = self.app.dsn
         timeout = self.settings.statement_timeout
         self._claimer = WorkerConnection(dsn, "claim", timeout)
-        self._maintainer = WorkerConnection(dsn, "maintenance", timeout)
+        # a heartbeat stuck for longer than a third of the lease would let the leases lapse
+        self._maintainer = WorkerConnection(
+            dsn, "maintenance", min(timeout, max(1.0, self.settings.lease_seconds / 3))
+        )
         completer_connection = WorkerConnection(dsn, "complete", timeout)
         self._completer = Completer(
             completer_connection,
@@ -177,6 +184,9 @@ class Worker:
         self._threads = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.concurrency, thread_name_prefix="pgqueue-job"
         )
+        self._thread_gate = asyncio.Semaphore(self.concurrency)
+        self._process_count = min(self.concurrency, os.cpu_count() or 1)
+        self._process_gate = asyncio.Semaphore(self._process_count)
         background: list[asyncio.Task[None]] = []
         try:
             if not await self._wait_for_schema():
@@ -189,8 +199,10 @@ class Worker:
                 "LISTEN/NOTIFY with polling fallback" if self.listen else "polling only",
             )
             if self.listen:
-                background.append(asyncio.create_task(self._listen_loop()))
-            background.append(asyncio.create_task(self._maintenance_loop()))
+                background.append(asyncio.create_task(self._listen_loop(), name="pgqueue-listen"))
+            background.append(asyncio.create_task(self._maintenance_loop(), name="pgqueue-maintenance"))
+            for task in background:
+                task.add_done_callback(_report_crash)
             self.started.set()
             await self._claim_loop()
             await self._shutdown()
@@ -247,21 +259,29 @@ class Worker:
             "lease_seconds": self.settings.lease_seconds,
             "now": None,
         }
+        claim_uncertain = False
         while not self._stopping:
-            free = self.concurrency - len(self._running)
+            # Threads still busy with timed-out jobs hold their slots, and outcomes the
+            # database has not taken yet hold theirs: no claiming what cannot start or be kept.
+            backlog = max(0, len(self._completer.unrecorded_ids()) - self.concurrency)
+            free = self.concurrency - len(self._running) - self._lingering - backlog
             if free <= 0:
                 self._slot_freed.clear()
-                await self._wait_any(self._slot_freed)
+                await self._wait_any(self._slot_freed, timeout=self.settings.poll_interval)
                 continue
             self._wake.clear()
             params["limit"] = free
             try:
+                if claim_uncertain:
+                    await self._release_orphans()
+                    claim_uncertain = False
                 rows = await self._claimer.fetch(query("claim_jobs"), params)
-            except DatabaseUnavailable as error:
+            except (DatabaseUnavailable, psycopg.Error) as error:
+                # The claim may have committed with its reply lost: those jobs are ours but
+                # not running here, so hand them back before claiming again.
+                claim_uncertain = claim_uncertain or isinstance(error, DatabaseUnavailable)
                 delay = backoff.next_delay()
-                log.warning(
-                    "could not claim jobs, database unavailable (%s); retrying in %.1fs", error, delay
-                )
+                log.warning("could not claim jobs (%s); retrying in %.1fs", _describe(error), delay)
                 await self._sleep(delay)
                 continue
             if backoff.failures:
@@ -271,26 +291,29 @@ class Worker:
                 self._start(ClaimedJob(*row))
             if len(rows) == free:
                 continue
-            wait = self.settings.poll_interval
-            if not rows:
-                if self.burst and not self._running:
-                    await self._completer.wait_idle()  # a failure may requeue its job
-                    if await self._next_due_in() is None:
-                        log.info("worker %s: queues empty, burst mode ends", self.worker_id)
-                        return
-                due_in = await self._next_due_in()
-                if due_in is not None:
-                    wait = max(0.0, min(wait, due_in))
-            await self._wait_any(self._wake, timeout=wait)
+            if not rows and self.burst and not self._running and await self._queues_drained():
+                log.info("worker %s: queues empty, burst mode ends", self.worker_id)
+                return
+            # Idle: NOTIFY wakes us for new jobs; the poll catches scheduled ones and
+            # anything a pooler's lost notification would hide.
+            await self._wait_any(self._wake, timeout=self.settings.poll_interval)
 
-    async def _next_due_in(self) -> float | None:
-        """Seconds until the next queued job of our queues falls due, None if there is none."""
+    async def _release_orphans(self) -> None:
+        held = [job_id for job_id, _ in self._running]
+        rows = await self._claimer.fetch(
+            query("release_orphans"), {"worker": self.worker_id, "held": held, "now": None}
+        )
+        if rows:
+            log.warning("handed back %d job(s) claimed by a call whose reply was lost", len(rows))
+
+    async def _queues_drained(self) -> bool:
+        """Burst mode: nothing queued in our queues, not even for later, once outcomes are in."""
+        await self._completer.wait_idle()  # a failure may requeue its job
         try:
             rows = await self._claimer.fetch(query("next_due_in"), {"queues": self.queues})
-        except DatabaseUnavailable:
-            return self.settings.poll_interval
-        value = rows[0][0] if rows else None
-        return None if value is None else float(value)
+        except (DatabaseUnavailable, psycopg.Error):
+            return False
+        return not rows or rows[0][0] is None
 
     async def _wait_any(self, event: asyncio.Event, timeout: float | None = None) -> None:
         assert self._stop_event
@@ -310,7 +333,9 @@ class Worker:
 
     def _start(self, job: ClaimedJob) -> None:
         task = asyncio.create_task(self._execute(job), name=f"pgqueue-job-{job.id}")
-        self._running[job.id] = (job, task)
+        # keyed by attempt too: after a lost lease this worker may claim the same job again
+        # while its old attempt is still winding down
+        self._running[job.id, job.attempt] = task
 
     async def _execute(self, job: ClaimedJob) -> None:
         outcome: Outcome
@@ -321,7 +346,7 @@ class Worker:
             outcome = await self._attempt(job)
         finally:
             _current.reset(token)
-            self._running.pop(job.id, None)
+            self._running.pop((job.id, job.attempt), None)
             assert self._slot_freed
             self._slot_freed.set()
         log.debug("job %d %s: %s in %.3fs", job.id, job.task, outcome.kind, time.monotonic() - started)
@@ -349,21 +374,18 @@ class Worker:
             )
         timeout = job.timeout_seconds
         try:
-            async with asyncio.timeout(timeout) as deadline:
-                result = await self._call(task, job, args, kwargs)
+            result = await self._call(task, job, args, kwargs)
         except Retry as request:
             return self._failure(job, "retry", "retry", f"Retry: {request.reason}", retry_in=request.delay)
         except Fail as failure:
             return self._failure(job, "fatal", "fail", _describe(failure), traceback.format_exc())
-        except TimeoutError:
-            if deadline.expired():
-                return self._failure(
-                    job,
-                    "failed",
-                    "timeout",
-                    f"TimeoutError: job ran longer than its timeout of {timeout:g}s and was stopped",
-                )
-            return self._failure(job, "failed", "exception", "TimeoutError", traceback.format_exc())
+        except _TimedOut:
+            return self._failure(
+                job,
+                "failed",
+                "timeout",
+                f"TimeoutError: job ran longer than its timeout of {timeout:g}s and was stopped",
+            )
         except asyncio.CancelledError:
             if self._releasing:
                 return Outcome(
@@ -377,38 +399,82 @@ class Worker:
                     },
                 )
             raise
-        except Exception as error:
+        except BaseException as error:
+            # SystemExit or KeyboardInterrupt from a handler fails its attempt, not the worker
             return self._failure(job, "failed", "exception", _describe(error), traceback.format_exc())
         try:
             result_json = json.dumps(result, allow_nan=False)
             if JSON_NUL.search(result_json):
                 raise ValueError("it contains a NUL character (\\u0000), which jsonb cannot store")
+            if len(result_json) > MAX_RESULT_BYTES:
+                raise ValueError(
+                    f"it is {len(result_json)} bytes of JSON, over the {MAX_RESULT_BYTES} limit: "
+                    "store large results elsewhere and return their key"
+                )
         except (TypeError, ValueError) as error:
             return self._failure(
                 job,
                 "fatal",
                 "bad_result",
-                f"InvalidResultError: the handler's return value is not JSON-serialisable: {error}",
+                f"InvalidResultError: the handler's return value cannot be stored: {error}",
             )
         return Outcome(job.id, job.attempt, "succeeded", result_json=result_json)
 
     async def _call(
         self, task: Task[..., Any], job: ClaimedJob, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
+        timeout = job.timeout_seconds
         if task.executor == "async":
-            return await task.function(*args, **kwargs)
+            try:
+                async with asyncio.timeout(timeout) as deadline:
+                    return await task.function(*args, **kwargs)
+            except TimeoutError:
+                if deadline.expired():  # ours, not one the handler raised itself
+                    raise _TimedOut from None
+                raise
         loop = asyncio.get_running_loop()
         if task.executor == "thread":
             assert self._threads
-            context = contextvars.copy_context()
-            call = functools.partial(context.run, task.function, *args, **kwargs)
-            return await loop.run_in_executor(self._threads, call)
-        if self._processes is None:
-            self._processes = concurrent.futures.ProcessPoolExecutor(max_workers=os.cpu_count())
-        module = task.function.__module__
-        return await loop.run_in_executor(
-            self._processes, run_in_process, module, _attribute_path(task), job.args
-        )
+            executor: concurrent.futures.Executor = self._threads
+            gate = self._thread_gate
+            call = functools.partial(contextvars.copy_context().run, task.function, *args, **kwargs)
+        else:
+            if self._processes is None:
+                self._processes = concurrent.futures.ProcessPoolExecutor(max_workers=self._process_count)
+            executor, gate = self._processes, self._process_gate
+            call = functools.partial(
+                run_in_process, task.function.__module__, task.function.__qualname__, job.args
+            )
+        # Wait for a free thread or process first, so the timeout counts running time only.
+        await gate.acquire()
+        try:
+            future = executor.submit(call)
+        except BaseException:
+            gate.release()
+            raise
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(gate.release))
+        try:
+            async with asyncio.timeout(timeout) as deadline:
+                return await asyncio.wrap_future(future)
+        except (TimeoutError, asyncio.CancelledError) as error:
+            # Python cannot stop a thread; the slot stays taken until the function returns.
+            if not future.done():
+                self._lingering += 1
+                future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._lingering_done))
+            if isinstance(error, TimeoutError) and deadline.expired():
+                raise _TimedOut from None
+            raise
+        except concurrent.futures.process.BrokenProcessPool:
+            # a child died (killed, out of memory): start a fresh pool for the next job
+            if self._processes is executor:
+                self._processes = None
+                executor.shutdown(wait=False, cancel_futures=True)
+            raise
+
+    def _lingering_done(self) -> None:
+        self._lingering -= 1
+        assert self._slot_freed
+        self._slot_freed.set()
 
     def _failure(
         self,
@@ -462,12 +528,12 @@ class Worker:
                             if notification.payload in served:
                                 self._wake.set()
                         await listener.fetch("select 1", {})
-                except LINK_ERRORS as error:
+                except Exception as error:  # the listener must outlive anything the server says
                     await listener.discard()
                     delay = backoff.next_delay()
                     log.warning(
                         "LISTEN connection lost (%s); polling every %.1fs meanwhile, reconnecting in %.1fs",
-                        error,
+                        _describe(error),
                         self.settings.poll_interval,
                         delay,
                     )
@@ -482,7 +548,7 @@ class Worker:
         rescue_every = min(self.settings.rescue_interval, lease)
         next_rescue = time.monotonic()
         while True:
-            held = [*self._running, *self._completer.unrecorded_ids()]
+            held = [job_id for job_id, _ in self._running] + self._completer.unrecorded_ids()
             if held:
                 try:
                     await self._maintainer.fetch(
@@ -515,20 +581,24 @@ class Worker:
 
     async def _shutdown(self) -> None:
         assert self._force_event
-        tasks = [task for _, task in self._running.values()]
+        tasks = list(self._running.values())
         if tasks and not self._forced:
             force = asyncio.ensure_future(self._force_event.wait())
             await _wait_all_or(tasks, force, self.settings.shutdown_grace)
             force.cancel()
-        leftover = [task for _, task in self._running.values()]
+        leftover = list(self._running.values())
         if leftover:
             log.warning("releasing %d job(s) that did not finish in time", len(leftover))
             self._releasing = True
             for task in leftover:
                 task.cancel()
-            await asyncio.gather(*leftover, return_exceptions=True)
-        # Record every outcome before leaving; when forced, give it a few seconds only:
-        # what stays unrecorded is rescued when its lease expires.
+            # a handler that swallows its cancellation must not hold the exit hostage
+            await asyncio.wait(leftover, timeout=5.0)
+        if self._forced:
+            self._terminate_processes()
+        # Record every outcome before leaving. Past the lease, or a few seconds after a
+        # forced stop, an outcome could not be recorded anyway: its job is rescued.
+        deadline = time.monotonic() + self.settings.lease_seconds
         waited = 0
         while not await self._completer.wait_idle(timeout=1.0):
             waited += 1
@@ -538,14 +608,27 @@ class Worker:
                     "and leave them to the lease rescue)",
                     len(self._completer.unrecorded_ids()),
                 )
-            if self._forced:
-                if not await self._completer.wait_idle(timeout=5.0):
-                    self._completer.abandon = True
-                    log.error(
-                        "leaving %s unrecorded outcome(s) to be rescued after their leases",
-                        len(self._completer.unrecorded_ids()),
-                    )
+            if self._forced or time.monotonic() > deadline:
+                if self._forced and await self._completer.wait_idle(timeout=5.0):
+                    break
+                self._completer.abandon = True
+                log.error(
+                    "leaving %s unrecorded outcome(s) to be rescued after their leases",
+                    len(self._completer.unrecorded_ids()),
+                )
                 break
+
+    def _terminate_processes(self) -> None:
+        """A forced stop ends CPU-bound jobs too (their jobs were released above)."""
+        pool = self._processes
+        if pool is None:
+            return
+        # ProcessPoolExecutor offers no public way to stop a running call; its child
+        # processes are reachable through this attribute on every CPython since 3.2.
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        self._processes = None
 
 
 async def _wait_all_or(tasks: list[asyncio.Task[None]], force: asyncio.Future[Any], timeout: float) -> None:
@@ -557,10 +640,15 @@ async def _wait_all_or(tasks: list[asyncio.Task[None]], force: asyncio.Future[An
         everything.cancel()
 
 
+def _report_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %s crashed", task.get_name(), exc_info=task.exception())
+
+
+class _TimedOut(Exception):
+    """The handler outran its timeout."""
+
+
 def _describe(error: BaseException) -> str:
     text = str(error)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def _attribute_path(task: Task[..., Any]) -> str:
-    return task.function.__qualname__

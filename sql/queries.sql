@@ -42,6 +42,10 @@ select id, state, run_at from pgqueue.complete_jobs(
 -- Extend the leases of this worker's running jobs; returns the ids it still holds.
 select pgqueue.heartbeat(%(worker)s, %(ids)s, %(lease_seconds)s, %(now)s)
 
+-- name: release_orphans
+-- Hand back jobs this worker holds but does not run (after a claim whose reply was lost).
+select pgqueue.release_jobs(%(worker)s, %(held)s::bigint[], %(now)s)
+
 -- name: rescue_expired_jobs
 -- Requeue (or dead-letter) jobs whose lease expired.
 select id, state from pgqueue.rescue_expired_jobs(%(now)s)

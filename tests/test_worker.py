@@ -162,7 +162,7 @@ def test_result_that_is_not_json_is_a_permanent_failure(app: App, dsn: str) -> N
     with running_worker(app):
         wait_for_states(dsn, [job_id])
     job = app.get_job(job_id)
-    assert job.state is JobState.DEAD and "not JSON-serialisable" in job.errors[0]["error"]
+    assert job.state is JobState.DEAD and "not JSON serializable" in job.errors[0]["error"]
 
 
 def test_priority_order_and_queue_selection(app: App, dsn: str) -> None:

@@ -21,12 +21,13 @@ create table pgqueue.jobs (
     attempt integer not null default 0 constraint jobs_attempt_non_negative check (attempt >= 0),
     max_attempts integer not null default 10 constraint jobs_max_attempts_positive check (max_attempts >= 1),
     run_at timestamptz not null default now(),
-    timeout_seconds double precision constraint jobs_timeout_positive check (timeout_seconds > 0),
+    timeout_seconds double precision
+        constraint jobs_timeout_range check (timeout_seconds > 0 and timeout_seconds <= 315360000),
     backoff pgqueue.backoff_kind not null default 'exponential',
     backoff_base_seconds double precision not null default 1
-        constraint jobs_backoff_base_non_negative check (backoff_base_seconds >= 0),
+        constraint jobs_backoff_base_range check (backoff_base_seconds between 0 and 315360000),
     backoff_max_seconds double precision not null default 3600
-        constraint jobs_backoff_max_non_negative check (backoff_max_seconds >= 0),
+        constraint jobs_backoff_max_range check (backoff_max_seconds between 0 and 315360000),
     backoff_jitter real not null default 0.1
         constraint jobs_backoff_jitter_fraction check (backoff_jitter between 0 and 1),
     worker text,
@@ -113,6 +114,10 @@ declare
 begin
     if delay is not null and delay < interval '0' then
         raise exception 'pgqueue.enqueue: delay must not be negative, got %', delay
+            using errcode = '22023';
+    end if;
+    if delay is not null and delay > interval '10 years' then
+        raise exception 'pgqueue.enqueue: delay is capped at 10 years, got %', delay
             using errcode = '22023';
     end if;
     if run_at is not null and delay is not null then
@@ -220,7 +225,7 @@ begin
                 else 'queued'
             end as next_state,
             case
-                when o.outcome = 'retry' then v_now + make_interval(secs => greatest(o.retry_in, 0))
+                when o.outcome = 'retry' then v_now + make_interval(secs => least(greatest(o.retry_in, 0), 315360000))
                 when o.outcome = 'failed' then v_now + make_interval(secs => pgqueue.backoff_seconds(
                     j.backoff, j.backoff_base_seconds, j.backoff_max_seconds, j.backoff_jitter,
                     j.attempt, j.id))
@@ -330,6 +335,28 @@ begin
     end if;
     perform pg_notify('pgqueue_jobs', v_queue);
     return true;
+end
+$$;
+
+-- Hand back jobs this worker holds but is not running: a claim whose reply was lost on
+-- the way (the statement committed, the connection broke) leaves such orphans. Their
+-- attempt never started, so it is not counted.
+create function pgqueue.release_jobs(p_worker text, p_keep bigint[], p_now timestamptz default null)
+returns setof bigint
+language plpgsql volatile as $$
+begin
+    return query
+    with released as (
+        update pgqueue.jobs j
+        set state = 'queued', attempt = greatest(j.attempt - 1, 0), run_at = coalesce(p_now, now()),
+            worker = null, lease_expires_at = null
+        where j.state = 'running' and j.worker = p_worker and j.id <> all(p_keep)
+        returning j.id, j.queue
+    ),
+    woken as (
+        select pg_notify('pgqueue_jobs', q.queue) from (select distinct r.queue from released r) q
+    )
+    select r.id from released r cross join (select count(*) from woken) w;
 end
 $$;
 
