@@ -25,6 +25,9 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+_ANY_DATABASE_ERROR: tuple[type[BaseException], ...] = (psycopg.Error, *CONNECTION_ERRORS)
+
+
 class DatabaseUnavailable(Exception):
     """The database could not be reached or the connection broke mid-call."""
 
@@ -102,9 +105,12 @@ class WorkerConnection:
                 cursor = connection.cursor(row_factory=tuple_row)
                 await cursor.execute(statement, params)
                 return await cursor.fetchall() if cursor.description is not None else []
-        except CONNECTION_ERRORS as error:
+        except _ANY_DATABASE_ERROR as error:
             if not is_link_failure(error):
-                if self._connection is not None and self._connection.broken:
+                # A fresh session after a server error: settings such as a failover's
+                # read-only mode are fixed when a session starts. Data errors are the
+                # statement's own fault and keep the connection.
+                if not is_data_error(error):
                     await self.discard()
                 raise
             await self.discard()

@@ -298,8 +298,12 @@ class Worker:
             # anything a pooler's lost notification would hide.
             await self._wait_any(self._wake, timeout=self.settings.poll_interval)
 
+    def _held_ids(self) -> list[int]:
+        """Jobs this worker answers for: running here, or finished with the outcome not yet stored."""
+        return [job_id for job_id, _ in self._running] + self._completer.unrecorded_ids()
+
     async def _release_orphans(self) -> None:
-        held = [job_id for job_id, _ in self._running]
+        held = self._held_ids()
         rows = await self._claimer.fetch(
             query("release_orphans"), {"worker": self.worker_id, "held": held, "now": None}
         )
@@ -548,7 +552,7 @@ class Worker:
         rescue_every = min(self.settings.rescue_interval, lease)
         next_rescue = time.monotonic()
         while True:
-            held = [job_id for job_id, _ in self._running] + self._completer.unrecorded_ids()
+            held = self._held_ids()
             if held:
                 try:
                     await self._maintainer.fetch(

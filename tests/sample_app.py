@@ -48,3 +48,20 @@ async def sleep_then_record(seconds: float) -> str:
 def blocking_sleep(seconds: float) -> str:
     time.sleep(seconds)
     return "slept"
+
+
+@app.task(name="cpu_retry", executor="process", max_attempts=3)
+def cpu_retry(marker: str) -> str:
+    """Asks for a retry on its first attempt (the exception crosses a process boundary)."""
+    from pgqueue import Retry
+
+    if not Path(marker).exists():
+        Path(marker).touch()
+        raise Retry(delay=0.1, reason="first attempt")
+    return "second time lucky"
+
+
+@app.task(name="cpu_crash", executor="process", max_attempts=1)
+def cpu_crash() -> None:
+    """Dies like a process killed by the out-of-memory killer."""
+    os._exit(9)

@@ -203,6 +203,15 @@ def test_rescue_dead_letters_a_job_on_its_last_attempt(connection: psycopg.Conne
     assert row and row[0] == "lease_expired" and "stopped heartbeating" in row[1]
 
 
+def test_release_hands_back_orphans_of_a_lost_claim_reply(connection: psycopg.Connection[Any]) -> None:
+    kept, *orphans = [enqueue(connection, run_at=T0) for _ in range(3)]
+    claim(connection, T0, worker="w")
+    released = connection.execute("select pgqueue.release_jobs('w', %s, %s)", ([kept], T0)).fetchall()
+    assert sorted(row[0] for row in released) == orphans
+    assert [job(connection, job_id)[:2] for job_id in orphans] == [("queued", 0), ("queued", 0)]
+    assert job(connection, kept)[:2] == ("running", 1)
+
+
 def test_cancel_and_redrive_from_sql(connection: psycopg.Connection[Any]) -> None:
     queued, running = enqueue(connection, run_at=T0), enqueue(connection, run_at=T0)
     claim(connection, T0, limit=1)  # takes `queued` (lower id)... so cancel the other one

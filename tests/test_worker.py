@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import psycopg
+import psycopg.conninfo
 import pytest
 
 from pgqueue import App, Fail, JobState, Retry, RetryPolicy, Settings, current_job
@@ -333,3 +334,83 @@ def test_nul_characters_in_results_and_errors_never_block_the_completer(app: App
     assert bad_result.state is JobState.DEAD and "NUL character" in bad_result.errors[0]["error"]
     assert bad_error.state is JobState.DEAD and "bad\\x00byte" in bad_error.errors[0]["error"]
     assert ok.result == "ok"
+
+
+def test_handler_raising_system_exit_fails_its_attempt_not_the_worker(app: App, dsn: str) -> None:
+    import sys
+
+    @app.task(name="exits", max_attempts=1)
+    def exits() -> None:
+        sys.exit(3)
+
+    @app.task(name="after")
+    async def after() -> str:
+        return "still alive"
+
+    first = exits.enqueue(None)
+    with running_worker(app):
+        wait_for_states(dsn, [first])
+        second = after.enqueue(None)
+        wait_for_states(dsn, [second])
+    assert app.get_job(first).errors[0]["error"].startswith("SystemExit")
+    assert app.get_job(second).result == "still alive"
+
+
+def test_sync_timeouts_count_running_time_not_time_spent_waiting_for_a_thread(dsn: str) -> None:
+    app = App(Settings(dsn=dsn, poll_interval=0.1))
+    starts: list[int] = []
+
+    @app.task(name="stuck", timeout=0.3, max_attempts=2, retry=RetryPolicy.fixed(0))
+    def stuck() -> None:
+        starts.append(current_job().id)
+        time.sleep(1.0)  # a thread cannot be stopped: it keeps its slot until it returns
+
+    ids = stuck.enqueue_many(None, [{}, {}])
+    with running_worker(app, concurrency=1):
+        wait_for_states(dsn, ids, timeout=60)
+    jobs = [app.get_job(job_id) for job_id in ids]
+    # every attempt that was charged really ran: none timed out while queued for a thread
+    assert sum(job.attempt for job in jobs) == len(starts) == 4
+    assert all(error["kind"] == "timeout" for job in jobs for error in job.errors)
+    app.close()
+
+
+def test_retry_and_crashes_in_process_pool_handlers(dsn: str, tmp_path: Any) -> None:
+    from tests import sample_app
+
+    sample_app.app.configure(Settings(dsn=dsn, poll_interval=0.1))
+    app = sample_app.app
+    with running_worker(app, concurrency=2):
+        retried_id = app.enqueue(None, "cpu_retry", {"marker": str(tmp_path / "marker")})
+        wait_for_states(dsn, [retried_id], timeout=60)
+        crashed_id = app.enqueue(None, "cpu_crash", {})
+        wait_for_states(dsn, [crashed_id], timeout=60)
+        after_crash = app.enqueue(None, "cpu", {"n": 100})
+        wait_for_states(dsn, [after_crash], timeout=60)
+    retried, crashed = app.get_job(retried_id), app.get_job(crashed_id)
+    assert retried.result == "second time lucky" and retried.attempt == 2
+    assert retried.errors[0]["kind"] == "retry"
+    assert crashed.state is JobState.DEAD and "BrokenProcessPool" in crashed.errors[0]["error"]
+    assert app.get_job(after_crash).result == 4950  # a fresh pool took over
+    app.close()
+
+
+def test_a_read_only_database_pauses_the_worker_instead_of_ending_it(app: App, dsn: str) -> None:
+    @app.task(name="writes")
+    async def writes() -> str:
+        return "done"
+
+    database = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    job_id = writes.enqueue(None)
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(f'alter database "{database}" set default_transaction_read_only = on')
+        try:
+            with running_worker(app) as worker:
+                time.sleep(1.5)  # claims fail: the server is read-only, as after a failover
+                assert app.get_job(job_id).state is JobState.QUEUED
+                assert worker.started.is_set()
+                admin.execute(f'alter database "{database}" reset default_transaction_read_only')
+                wait_for_states(dsn, [job_id], timeout=30)
+        finally:
+            admin.execute(f'alter database "{database}" reset default_transaction_read_only')
+    assert app.get_job(job_id).result == "done"
