@@ -223,3 +223,18 @@ def test_cancel_and_redrive_from_sql(connection: psycopg.Connection[Any]) -> Non
     row = connection.execute("select pgqueue.retry_job(%s)", (running,)).fetchone()
     assert row == (True,)
     assert job(connection, running)[:2] == ("queued", 0)
+
+
+def test_claim_across_several_queues_keeps_priority_order(connection: psycopg.Connection[Any]) -> None:
+    low = enqueue(connection, run_at=T0, queue="a", priority=0)
+    high = enqueue(connection, run_at=T0, queue="b", priority=10)
+    middle = enqueue(connection, run_at=T0, queue="a", priority=5)
+    enqueue(connection, run_at=T0, queue="c", priority=20)  # not a queue this worker serves
+
+    def claim_from(queues: list[str]) -> list[int]:
+        rows = connection.execute(
+            "select id from pgqueue.claim_jobs('w', %s, 1, 30, %s)", (queues, T0)
+        ).fetchall()
+        return [row[0] for row in rows]
+
+    assert [claim_from(["a", "b"]) for _ in range(4)] == [[high], [middle], [low], []]
