@@ -24,3 +24,6 @@ test-fast:      ## the suite without multi-process and crash tests
 
 bench:          ## throughput and latency next to pgbench's raw SQL ceiling
 	.venv/bin/python benchmarks/run.py
+
+schema:         ## rewrite sql/schema.txt from the migrations (review the diff)
+	.venv/bin/python -m tests.schema_snapshot

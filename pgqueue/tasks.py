@@ -40,6 +40,7 @@ class Task(Generic[P, R]):
         self.default_options = options
         self.executor: Executor = executor
         self.signature = inspect.signature(function)
+        self._plain_parameters = _plain_parameters(self.signature)
         self.__doc__ = function.__doc__
         self.__wrapped__ = function
 
@@ -93,6 +94,12 @@ class Task(Generic[P, R]):
 
     def call_arguments(self, stored: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Rebuild (args, kwargs) from stored arguments; TypeError when they do not fit."""
+        if self._plain_parameters is not None:
+            # the common case, checked with two set operations instead of inspect's bind
+            # (which cost a third of the worker's time per no-op job)
+            names, required = self._plain_parameters
+            if stored.keys() <= names and required <= stored.keys():
+                return (), stored
         unexpected = sorted(set(stored) - set(self.signature.parameters))
         if unexpected:
             raise TypeError(f"unexpected argument(s) {', '.join(unexpected)}")
@@ -136,6 +143,18 @@ class Task(Generic[P, R]):
         """The async twin of `enqueue_many`."""
         jobs = [self.prepare(**kwargs) for kwargs in arguments]
         return await self.app.insert_many_async(connection, jobs)
+
+
+def _plain_parameters(signature: inspect.Signature) -> tuple[frozenset[str], frozenset[str]] | None:
+    """(names, required names) when every parameter can be passed by keyword, else None."""
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    if any(parameter.kind not in keyword for parameter in signature.parameters.values()):
+        return None
+    names = frozenset(signature.parameters)
+    required = frozenset(
+        name for name, parameter in signature.parameters.items() if parameter.default is parameter.empty
+    )
+    return names, required
 
 
 def run_in_process(module: str, qualname: str, stored: dict[str, Any]) -> Any:

@@ -408,7 +408,7 @@ class Worker:
             return self._failure(job, "failed", "exception", _describe(error), traceback.format_exc())
         try:
             result_json = json.dumps(result, allow_nan=False)
-            if JSON_NUL.search(result_json):
+            if "\\u0000" in result_json and JSON_NUL.search(result_json):
                 raise ValueError("it contains a NUL character (\\u0000), which jsonb cannot store")
             if len(result_json) > MAX_RESULT_BYTES:
                 raise ValueError(
@@ -429,6 +429,8 @@ class Worker:
     ) -> Any:
         timeout = job.timeout_seconds
         if task.executor == "async":
+            if timeout is None:
+                return await task.function(*args, **kwargs)
             try:
                 async with asyncio.timeout(timeout) as deadline:
                     return await task.function(*args, **kwargs)

@@ -1,11 +1,12 @@
 """A normalised, version-independent listing of the pgqueue schema, compared with sql/schema.txt.
 
-Regenerate after adding a migration: python -m tests.schema_snapshot DSN_OF_A_MIGRATED_DB
+Regenerate after adding a migration: PGQUEUE_TEST_DSN=... python -m tests.schema_snapshot
+(it migrates a throwaway database on that server and writes the listing).
 """
 
 from __future__ import annotations
 
-import sys
+import os
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,18 @@ def snapshot(connection: psycopg.Connection[Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":
-    with psycopg.connect(sys.argv[1]) as conn:
-        SNAPSHOT.write_text(snapshot(conn))
+def main() -> None:
+    from pgqueue.testing import create_migrated_database, database_dsn, drop_database
+
+    server = os.environ.get("PGQUEUE_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+    name = create_migrated_database(server, "pgqueue_snapshot")
+    try:
+        with psycopg.connect(database_dsn(server, name)) as conn:
+            SNAPSHOT.write_text(snapshot(conn))
+    finally:
+        drop_database(server, name)
     print(f"wrote {SNAPSHOT}")
+
+
+if __name__ == "__main__":
+    main()

@@ -33,7 +33,7 @@ def test_migrations_from_zero_equal_the_committed_schema(empty_dsn: str) -> None
         current = snapshot(connection)
     assert current == SNAPSHOT.read_text(), (
         "the migrations no longer produce sql/schema.txt: regenerate it with "
-        "`python -m tests.schema_snapshot DSN` and review the difference"
+        "`python -m tests.schema_snapshot` and review the difference"
     )
 
 
