@@ -21,6 +21,9 @@ from .sql import query
 MAX_ARGS_BYTES = 1_000_000
 # jsonb cannot store U+0000; json.dumps writes it as \u0000 (an escaped backslash before
 # "u0000" is an ordinary string and allowed)
+# One encoder for all: json.dumps with options builds a new encoder on every call,
+# which was half the cost of preparing a job for bulk enqueue.
+JSON_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
 JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
@@ -53,10 +56,10 @@ class PreparedJob:
 def encode_args(task: str, args: dict[str, Any]) -> str:
     """Serialise a job's arguments, or say exactly why they cannot be stored."""
     try:
-        text = json.dumps(args, allow_nan=False, separators=(",", ":"))
+        text = JSON_ENCODER.encode(args)
     except (TypeError, ValueError) as error:
         raise InvalidJobError(f"arguments of task {task!r} must be JSON-serialisable: {error}") from None
-    if JSON_NUL.search(text):
+    if "\\u0000" in text and JSON_NUL.search(text):
         raise InvalidJobError(
             f"arguments of task {task!r} contain a NUL character (\\u0000), which jsonb cannot store"
         )

@@ -86,6 +86,10 @@ class Task(Generic[P, R]):
 
     def bind(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Check the arguments against the function's signature; return them by name."""
+        if not args and self._plain_parameters is not None:
+            names, required = self._plain_parameters
+            if kwargs.keys() <= names and required <= kwargs.keys():
+                return kwargs
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as error:
@@ -111,7 +115,10 @@ class Task(Generic[P, R]):
         return self.prepare(**arguments)
 
     def prepare(self, *args: Any, **kwargs: Any) -> producer.PreparedJob:
-        return producer.prepare(self.name, self.bind(*args, **kwargs), self.default_options)
+        # the name was validated when the task was registered
+        return producer.PreparedJob(
+            self.name, producer.encode_args(self.name, self.bind(*args, **kwargs)), self.default_options
+        )
 
     # -- enqueue ------------------------------------------------------------------
 

@@ -15,7 +15,6 @@ import concurrent.futures.process
 import contextlib
 import contextvars
 import functools
-import json
 import logging
 import os
 import signal
@@ -39,7 +38,7 @@ from .errors import ConfigurationError, SchemaError
 from .migrate import check_schema_async
 from .models import NAME_PATTERN
 from .outcomes import Fail, Retry
-from .producer import JSON_NUL
+from .producer import JSON_ENCODER, JSON_NUL
 from .settings import Settings
 from .sql import query
 from .tasks import Task, run_in_process
@@ -407,7 +406,7 @@ class Worker:
             # SystemExit or KeyboardInterrupt from a handler fails its attempt, not the worker
             return self._failure(job, "failed", "exception", _describe(error), traceback.format_exc())
         try:
-            result_json = json.dumps(result, allow_nan=False)
+            result_json = JSON_ENCODER.encode(result)
             if "\\u0000" in result_json and JSON_NUL.search(result_json):
                 raise ValueError("it contains a NUL character (\\u0000), which jsonb cannot store")
             if len(result_json) > MAX_RESULT_BYTES:
