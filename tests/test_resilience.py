@@ -243,6 +243,8 @@ class SeverableProxy:
 
 def test_worker_survives_a_silent_network_cut(dsn: str, tmp_path: Path) -> None:
     target = psycopg.conninfo.conninfo_to_dict(dsn)
+    if str(target.get("host", "")).startswith("/") or not target.get("host"):
+        pytest.skip("the proxy needs a server reached over TCP; this one listens on a Unix socket")
     proxy = SeverableProxy(str(target.get("host", "127.0.0.1")), int(target.get("port", 5432)))
     through_proxy = psycopg.conninfo.make_conninfo(dsn, host="127.0.0.1", port=proxy.port)
     log = tmp_path / "executions.log"
