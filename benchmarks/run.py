@@ -19,6 +19,7 @@ import re
 import secrets
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo  # noqa: E402
 
 import pgqueue  # noqa: E402
 from benchmarks import tasks as bench  # noqa: E402
+from pgqueue.sql import query as pgqueue_query  # noqa: E402
 
 DEFAULT_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 RESULTS_DIR = ROOT / "benchmarks" / "results"  # git-ignored
@@ -46,7 +48,8 @@ RESULTS_DIR = ROOT / "benchmarks" / "results"  # git-ignored
 @dataclass(frozen=True)
 class Config:
     name: str
-    single_seconds: float  # single enqueue: how long each side runs
+    single_seconds: float  # single enqueue: how long each side runs per round
+    single_rounds: int  # ... and how many rounds (medians are reported)
     bulk_jobs: int  # jobs in the one enqueue_many call
     drain_jobs: int  # jobs pre-filled for each drain run
     drain_procs: tuple[int, ...]
@@ -57,8 +60,8 @@ class Config:
     latency_rate: float = 200.0
 
 
-FULL = Config("full", 5.0, 100_000, 50_000, (1, 2), (50, 100, 200), 10, 10.0, 1.0)
-QUICK = Config("quick", 2.0, 20_000, 5_000, (1, 2), (100,), 3, 3.0, 0.5)
+FULL = Config("full", 2.0, 5, 100_000, 50_000, (1, 2), (50, 100, 200), 10, 10.0, 1.0)
+QUICK = Config("quick", 1.0, 2, 20_000, 2_000, (1, 2), (100,), 2, 3.0, 0.5)
 
 
 # -- small helpers ------------------------------------------------------------------------
@@ -310,33 +313,57 @@ insert into pgqueue.jobs (
 """
 
 
+def _enqueue_for(seconds: float, enqueue: Callable[[int], object]) -> tuple[int, float]:
+    """Call `enqueue(n)` back to back for `seconds`; return (calls, elapsed)."""
+    jobs = 0
+    started = time.perf_counter()
+    deadline = started + seconds
+    while time.perf_counter() < deadline:
+        enqueue(jobs)
+        jobs += 1
+    return jobs, time.perf_counter() - started
+
+
 def bench_single_enqueue(b: Bench) -> None:
-    seconds = b.config.single_seconds
-    b.reset()
+    """pgqueue, plain psycopg and pgbench take turns, a few rounds each: a single client
+    committing one row at a time is bound by WAL flushes, which a neighbour's writes slow
+    down for seconds at a time; alternating spreads such bursts over all three sides."""
+    seconds, rounds = b.config.single_seconds, b.config.single_rounds
+    pgqueue_rates: list[float] = []
+    psycopg_rates: list[float] = []
+    pgbench_rates: list[float] = []
+    jobs_total = 0
+    statement, params = pgqueue_query("insert_job"), bench.noop.prepare(n=1).params()
     with psycopg.connect(b.dsn, autocommit=True) as connection:
         for n in range(50):  # warm up: psycopg prepares the statement after 5 runs
             bench.noop.enqueue(connection, n=n)
-        b.checkpoint()
-        jobs = 0
-        started = time.perf_counter()
-        deadline = started + seconds
-        while time.perf_counter() < deadline:
-            bench.noop.enqueue(connection, n=jobs)
-            jobs += 1
-        elapsed = time.perf_counter() - started
-    pgqueue_rate = jobs / elapsed
-    ceiling = None
-    if b.pgbench:
-        b.reset()
-        run = b.run_pgbench("insert_one", PGBENCH_INSERT, clients=1, seconds=max(2, round(seconds)))
-        ceiling = run["tps"]
+        for _round in range(rounds):
+            b.reset()
+            jobs, elapsed = _enqueue_for(seconds, lambda n: bench.noop.enqueue(connection, n=n))
+            jobs_total += jobs
+            pgqueue_rates.append(jobs / elapsed)
+            # The same statement through plain psycopg (no pgqueue code): the driver's own cost.
+            b.reset()
+            jobs, elapsed = _enqueue_for(seconds, lambda _: connection.execute(statement, params).fetchall())
+            psycopg_rates.append(jobs / elapsed)
+            if b.pgbench:
+                b.reset()
+                run = b.run_pgbench("insert_one", PGBENCH_INSERT, clients=1, seconds=max(1, round(seconds)))
+                pgbench_rates.append(run["tps"])
+    pgqueue_rate = statistics.median(pgqueue_rates)
+    ceiling = statistics.median(pgbench_rates) if pgbench_rates else None
     b.results["single_enqueue"] = {
         "pgqueue_jobs_per_s": pgqueue_rate,
-        "jobs": jobs,
-        "seconds": elapsed,
         "ceiling_pgbench_jobs_per_s": ceiling,
+        "raw_psycopg_jobs_per_s": statistics.median(psycopg_rates),
+        "rounds": rounds,
+        "seconds_per_round": seconds,
+        "jobs": jobs_total,
+        "pgqueue_rounds": pgqueue_rates,
+        "psycopg_rounds": psycopg_rates,
+        "pgbench_rounds": pgbench_rates,
     }
-    log(f"single enqueue: pgqueue {rate(pgqueue_rate)}, pgbench {rate(ceiling)}")
+    log(f"single enqueue: pgqueue {rate(pgqueue_rate)}, pgbench {rate(ceiling)} (medians of {rounds} rounds)")
 
 
 # -- 2. bulk enqueue ------------------------------------------------------------------------
@@ -359,6 +386,11 @@ def bench_bulk_enqueue(b: Bench) -> None:
     for kwargs in arguments:
         bench.noop.prepare(**kwargs)
     prepare_seconds = time.perf_counter() - started
+    # ... and reserving the ids (the first of enqueue_many's two statements).
+    with psycopg.connect(b.dsn, autocommit=True) as connection:
+        started = time.perf_counter()
+        connection.execute(pgqueue_query("reserve_ids"), {"count": count}).fetchall()
+        reserve_seconds = time.perf_counter() - started
 
     # The ceiling: the same rows (same columns and values) in one COPY, prepared up front.
     b.reset()
@@ -399,6 +431,7 @@ def bench_bulk_enqueue(b: Bench) -> None:
         "pgqueue_seconds": elapsed,
         "pgqueue_jobs_per_s": pgqueue_rate,
         "python_prepare_seconds": prepare_seconds,
+        "reserve_ids_seconds": reserve_seconds,
         "raw_copy_seconds": raw_elapsed,
         "raw_copy_jobs_per_s": raw_rate,
     }
@@ -419,8 +452,15 @@ def drain_once(b: Bench, processes: int, concurrency: int) -> dict[str, Any]:
         b.spawn_worker(bench.NOOP_QUEUE, concurrency, burst=True, tag=f"{tag}-{i}") for i in range(processes)
     ]
     poll = b.admin.cursor()
-    timeout = 30 + count / 200  # give up below 200 jobs/s
+    timeout = 30 + count / 100  # give up below 100 jobs/s
+    # Jobs held as 'running' in SQL: claimed, and not yet recorded as finished. Sampled
+    # twice a second (a count costs more than the 20 ms "anything left?" poll).
+    peak_running, next_sample = 0, 0.0
     while True:
+        if time.perf_counter() >= next_sample:
+            next_sample = time.perf_counter() + 0.5
+            running = one(poll.execute("select count(*) from pgqueue.jobs where state = 'running'"))[0]
+            peak_running = max(peak_running, int(running))
         left = one(
             poll.execute(
                 "select exists (select from pgqueue.jobs where state = 'queued')"
@@ -471,6 +511,7 @@ def drain_once(b: Bench, processes: int, concurrency: int) -> dict[str, Any]:
         "startup_seconds": first_start - spawned_at,
         "exit_seconds": exited,
         "last_finish_seconds": last_finish - spawned_at,
+        "peak_running": peak_running,
         "workers_that_ran_jobs": workers_seen,
     }
     log(
@@ -775,12 +816,23 @@ def details(b: Bench) -> str:
     out: list[str] = []
     single = r.get("single_enqueue")
     if single:
-        out.append(f"single enqueue: {single['jobs']:,} jobs in {single['seconds']:.1f}s")
+        rounds = " / ".join(
+            f"{p:,.0f}-{q:,.0f}-{g:,.0f}"
+            for p, q, g in zip(
+                single["pgqueue_rounds"], single["psycopg_rounds"], single["pgbench_rounds"], strict=False
+            )
+        )
+        out.append(
+            f"single enqueue: medians of {single['rounds']} rounds of {single['seconds_per_round']:g}s; "
+            f"the same insert_job through plain psycopg: {rate(single['raw_psycopg_jobs_per_s'])}; "
+            f"rounds pgqueue-psycopg-pgbench: {rounds}"
+        )
     bulk = r.get("bulk_enqueue")
     if bulk:
         out.append(
             f"bulk enqueue: enqueue_many {bulk['pgqueue_seconds']:.2f}s, of which about "
-            f"{bulk['python_prepare_seconds']:.2f}s validating/serialising in Python; "
+            f"{bulk['python_prepare_seconds']:.2f}s validating/serialising in Python and "
+            f"{bulk['reserve_ids_seconds']:.2f}s in the reserve_ids query; "
             f"raw COPY {bulk['raw_copy_seconds']:.2f}s"
         )
     for processes, data in r.get("drain", {}).items():
@@ -790,7 +842,8 @@ def details(b: Bench) -> str:
                 f"{run['window_jobs_per_s']:>8,.0f} jobs/s first-start->last-finish "
                 f"({run['window_seconds']:.2f}s), "
                 f"{run['wall_jobs_per_s']:>8,.0f} jobs/s wall ({run['wall_seconds']:.2f}s, "
-                f"startup {run['startup_seconds']:.2f}s, last finish at {run['last_finish_seconds']:.2f}s)"
+                f"startup {run['startup_seconds']:.2f}s, last finish at {run['last_finish_seconds']:.2f}s), "
+                f"peak {run['peak_running']:,} jobs 'running' in SQL"
             )
     for key, ceiling in r.get("drain_ceilings", {}).items():
         out.append(

@@ -506,6 +506,9 @@ class Worker:
         )
 
     def _recorded(self, outcomes: list[Outcome], rows: list[tuple[Any, ...]]) -> None:
+        # outcomes stored: slots held back by a backlog of unrecorded outcomes are free again
+        assert self._slot_freed
+        self._slot_freed.set()
         for callback in self._on_recorded:
             callback(outcomes, rows)
 

@@ -17,7 +17,8 @@ insert into pgqueue.jobs (
 
 -- name: reserve_ids
 -- Reserve ids for a bulk COPY, so bulk enqueue can return them.
-select nextval(pg_get_serial_sequence('pgqueue.jobs', 'id')), now()
+-- (a literal regclass: pg_get_serial_sequence() here was resolved once per row)
+select nextval('pgqueue.jobs_id_seq'::regclass), now()
 from generate_series(1, %(count)s)
 
 -- name: copy_jobs

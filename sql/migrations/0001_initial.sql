@@ -230,7 +230,10 @@ create function pgqueue.complete_jobs(
     p_retry_in double precision[],
     p_now timestamptz default null
 ) returns table (id bigint, state pgqueue.job_state, run_at timestamptz)
-language plpgsql volatile as $$
+-- planned for the actual arrays on every call: the generic plan that PL/pgSQL switches to
+-- after five calls joined every running job against every outcome (2,000 outcomes:
+-- 5.1 s generic, 61 ms custom, measured)
+language plpgsql volatile set plan_cache_mode = force_custom_plan as $$
 #variable_conflict use_column
 declare
     v_now timestamptz := coalesce(p_now, now());
@@ -291,11 +294,16 @@ create function pgqueue.heartbeat(
     p_lease_seconds double precision,
     p_now timestamptz default null
 ) returns setof bigint
-language sql volatile as $$
+-- planned for the actual ids on every call: a generic plan scans every running job
+-- once per id (4.3 s for 20,000 ids against 40,000 running jobs, measured)
+language plpgsql volatile set plan_cache_mode = force_custom_plan as $$
+begin
+    return query
     update pgqueue.jobs j
     set lease_expires_at = coalesce(p_now, now()) + make_interval(secs => p_lease_seconds)
     where j.id = any(p_ids) and j.state = 'running' and j.worker = p_worker
-    returning j.id
+    returning j.id;
+end
 $$;
 
 -- Jobs whose worker stopped heartbeating (killed, lost its network or machine) go back
@@ -364,7 +372,7 @@ $$;
 -- attempt never started, so it is not counted.
 create function pgqueue.release_jobs(p_worker text, p_keep bigint[], p_now timestamptz default null)
 returns setof bigint
-language plpgsql volatile as $$
+language plpgsql volatile set plan_cache_mode = force_custom_plan as $$
 begin
     return query
     with released as (
