@@ -103,6 +103,26 @@ class OwnCluster:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+def start_worker(dsn: str, log: Path, **environment: str) -> subprocess.Popen[str]:
+    """A `pgqueue worker` process with quick reconnects and polls, logging executions to `log`."""
+    return subprocess.Popen(
+        pgqueue_command(
+            "--dsn", dsn, "worker", "tests.sample_app:app", "--concurrency", "10", "--lease-seconds", "30"
+        ),
+        cwd=REPOSITORY,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={
+            **os.environ,
+            "PGQUEUE_TEST_LOG": str(log),
+            "PGQUEUE_RECONNECT_MAX_DELAY": "0.5",
+            "PGQUEUE_POLL_INTERVAL": "0.2",
+            **environment,
+        },
+    )
+
+
 @pytest.fixture
 def cluster() -> Iterator[OwnCluster]:
     own = OwnCluster()
@@ -116,28 +136,7 @@ def test_worker_survives_a_database_restart_and_records_what_finished_meanwhile(
     with psycopg.connect(cluster.dsn, autocommit=True) as connection:
         migrate(connection)
     log = tmp_path / "executions.log"
-    worker = subprocess.Popen(
-        pgqueue_command(
-            "--dsn",
-            cluster.dsn,
-            "worker",
-            "tests.sample_app:app",
-            "--concurrency",
-            "10",
-            "--lease-seconds",
-            "30",
-        ),
-        cwd=REPOSITORY,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={
-            **os.environ,
-            "PGQUEUE_TEST_LOG": str(log),
-            "PGQUEUE_RECONNECT_MAX_DELAY": "0.5",
-            "PGQUEUE_POLL_INTERVAL": "0.2",
-        },
-    )
+    worker = start_worker(cluster.dsn, log)
     app = App(Settings(dsn=cluster.dsn))
     sample_app.app.configure(Settings(dsn=cluster.dsn))
     try:
@@ -248,29 +247,7 @@ def test_worker_survives_a_silent_network_cut(dsn: str, tmp_path: Path) -> None:
     proxy = SeverableProxy(str(target.get("host", "127.0.0.1")), int(target.get("port", 5432)))
     through_proxy = psycopg.conninfo.make_conninfo(dsn, host="127.0.0.1", port=proxy.port)
     log = tmp_path / "executions.log"
-    worker = subprocess.Popen(
-        pgqueue_command(
-            "--dsn",
-            through_proxy,
-            "worker",
-            "tests.sample_app:app",
-            "--concurrency",
-            "10",
-            "--lease-seconds",
-            "30",
-        ),
-        cwd=REPOSITORY,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={
-            **os.environ,
-            "PGQUEUE_TEST_LOG": str(log),
-            "PGQUEUE_RECONNECT_MAX_DELAY": "0.5",
-            "PGQUEUE_POLL_INTERVAL": "0.2",
-            "PGQUEUE_STATEMENT_TIMEOUT": "1.5",
-        },
-    )
+    worker = start_worker(through_proxy, log, PGQUEUE_STATEMENT_TIMEOUT="1.5")
     app = App(Settings(dsn=dsn))
     sample_app.app.configure(Settings(dsn=dsn))
 

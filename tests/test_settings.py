@@ -1,0 +1,41 @@
+"""Settings: PGQUEUE_* environment variables, a .env file, and typed errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from pgqueue import ConfigurationError, Settings
+from pgqueue.database import redact, validate_dsn
+
+
+def test_environment_variables_and_comma_separated_queues(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PGQUEUE_QUEUES", "emails, reports")
+    monkeypatch.setenv("PGQUEUE_CONCURRENCY", "25")
+    monkeypatch.setenv("PGQUEUE_LISTEN", "false")
+    settings = Settings()
+    assert settings.queues == ["emails", "reports"]
+    assert settings.concurrency == 25 and settings.listen is False
+    assert Settings(concurrency=3).concurrency == 3  # explicit values (CLI flags) win
+
+
+def test_dot_env_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("PGQUEUE_DSN=postgresql://u@db.example/app\nPGQUEUE_LEASE_SECONDS=12\n")
+    settings = Settings()
+    assert settings.dsn == "postgresql://u@db.example/app" and settings.lease_seconds == 12
+
+
+def test_bad_settings_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PGQUEUE_CONCURRENCY", "0")
+    with pytest.raises(ValidationError, match="concurrency"):
+        Settings()
+
+
+def test_dsn_is_checked_and_its_password_never_shown() -> None:
+    with pytest.raises(ConfigurationError, match="invalid database DSN"):
+        validate_dsn("host=a port")
+    assert "secret" not in redact("postgresql://me:secret@db/app")
+    assert "***" in redact("postgresql://me:secret@db/app")
