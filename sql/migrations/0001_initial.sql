@@ -160,8 +160,13 @@ create function pgqueue.claim_jobs(
     p_limit integer,
     p_lease_seconds double precision,
     p_now timestamptz default null
-) returns setof pgqueue.jobs
+) returns table (
+    id bigint, task text, args jsonb, queue text, priority smallint, attempt integer,
+    max_attempts integer, timeout_seconds double precision, run_at timestamptz, created_at timestamptz
+)
+-- Only what a worker needs: not the result, nor the error history a retried job carries.
 language plpgsql volatile as $$
+#variable_conflict use_column
 declare
     v_now timestamptz := coalesce(p_now, now());
 begin
@@ -180,7 +185,8 @@ begin
             started_at = v_now, lease_expires_at = v_now + make_interval(secs => p_lease_seconds)
         from claimable c
         where j.id = c.id
-        returning j.*;
+        returning j.id, j.task, j.args, j.queue, j.priority, j.attempt, j.max_attempts,
+            j.timeout_seconds, j.run_at, j.created_at;
     else
         -- several queues: the best p_limit of each queue, each an ordered scan of the
         -- claim index, then the best p_limit overall. (queue = any(...) would read every
@@ -209,7 +215,8 @@ begin
             started_at = v_now, lease_expires_at = v_now + make_interval(secs => p_lease_seconds)
         from claimable c
         where j.id = c.id
-        returning j.*;
+        returning j.id, j.task, j.args, j.queue, j.priority, j.attempt, j.max_attempts,
+            j.timeout_seconds, j.run_at, j.created_at;
     end if;
 end
 $$;
