@@ -156,7 +156,9 @@ class Completer:
                 )
             try:
                 rows += await self._connection.fetch(query("complete_jobs"), self._params([failure]))
-            except psycopg.Error:
+            except psycopg.Error as error:
+                if not is_data_error(error):
+                    raise  # a passing server error: the caller backs off and tries again
                 log.exception("could not record job %d at all; its lease will expire", outcome.job_id)
         return rows
 

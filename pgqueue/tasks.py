@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar
 import psycopg
 
 from . import producer
+from .context import JobContext, _current
 from .errors import InvalidJobError
 from .models import JobOptions, RetryPolicy
 
@@ -164,8 +165,9 @@ def _plain_parameters(signature: inspect.Signature) -> tuple[frozenset[str], fro
     return names, required
 
 
-def run_in_process(module: str, qualname: str, stored: dict[str, Any]) -> Any:
+def run_in_process(module: str, qualname: str, stored: dict[str, Any], context: JobContext) -> Any:
     """Entry point of a process-pool job: find the task by import path and run it."""
+    _current.set(context)  # current_job() works in the child too
     target: Any = importlib.import_module(module)
     for part in qualname.split("."):
         target = getattr(target, part)

@@ -101,7 +101,8 @@ class Worker:
         self.install_signal_handlers = install_signal_handlers
         self.jobs_done = 0
         self._running: dict[tuple[int, int], asyncio.Task[None]] = {}
-        self._lingering = 0  # executor threads/processes still busy with timed-out jobs
+        self._lingering = 0  # executor threads still busy with timed-out jobs
+        self._claim_uncertain = False  # a claim's reply was lost: some jobs may be ours unknowingly
         self._stopping = False
         self._forced = False
         self._releasing = False
@@ -258,7 +259,6 @@ class Worker:
             "lease_seconds": self.settings.lease_seconds,
             "now": None,
         }
-        claim_uncertain = False
         while not self._stopping:
             # Threads still busy with timed-out jobs hold their slots, and outcomes the
             # database has not taken yet hold theirs: no claiming what cannot start or be kept.
@@ -271,14 +271,14 @@ class Worker:
             self._wake.clear()
             params["limit"] = free
             try:
-                if claim_uncertain:
+                if self._claim_uncertain:
                     await self._release_orphans()
-                    claim_uncertain = False
+                    self._claim_uncertain = False
                 rows = await self._claimer.fetch(query("claim_jobs"), params)
             except (DatabaseUnavailable, psycopg.Error) as error:
                 # The claim may have committed with its reply lost: those jobs are ours but
                 # not running here, so hand them back before claiming again.
-                claim_uncertain = claim_uncertain or isinstance(error, DatabaseUnavailable)
+                self._claim_uncertain = self._claim_uncertain or isinstance(error, DatabaseUnavailable)
                 delay = backoff.next_delay()
                 log.warning("could not claim jobs (%s); retrying in %.1fs", _describe(error), delay)
                 await self._sleep(delay)
@@ -311,7 +311,8 @@ class Worker:
 
     async def _queues_drained(self) -> bool:
         """Burst mode: nothing queued in our queues, not even for later, once outcomes are in."""
-        await self._completer.wait_idle()  # a failure may requeue its job
+        if not await self._completer.wait_idle(self.settings.poll_interval):
+            return False  # a failure may requeue its job: ask again once it is recorded
         try:
             rows = await self._claimer.fetch(query("next_due_in"), {"queues": self.queues})
         except (DatabaseUnavailable, psycopg.Error):
@@ -390,6 +391,10 @@ class Worker:
                 f"TimeoutError: job ran longer than its timeout of {timeout:g}s and was stopped",
             )
         except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling() == 0 and not self._releasing:
+                # the handler's own await was cancelled (not this job): a failed attempt
+                return self._failure(job, "failed", "exception", "CancelledError", traceback.format_exc())
             if self._releasing:
                 return Outcome(
                     job.id,
@@ -438,43 +443,55 @@ class Worker:
                     raise _TimedOut from None
                 raise
         loop = asyncio.get_running_loop()
-        if task.executor == "thread":
-            assert self._threads
-            executor: concurrent.futures.Executor = self._threads
-            gate = self._thread_gate
-            call = functools.partial(contextvars.copy_context().run, task.function, *args, **kwargs)
-        else:
-            if self._processes is None:
-                self._processes = concurrent.futures.ProcessPoolExecutor(max_workers=self._process_count)
-            executor, gate = self._processes, self._process_gate
+        process = task.executor == "process"
+        gate = self._process_gate if process else self._thread_gate
+        if process:
+            context = JobContext(job.id, job.task, job.queue, job.attempt, job.max_attempts, self.worker_id)
             call = functools.partial(
-                run_in_process, task.function.__module__, task.function.__qualname__, job.args
+                run_in_process, task.function.__module__, task.function.__qualname__, job.args, context
             )
+        else:
+            call = functools.partial(contextvars.copy_context().run, task.function, *args, **kwargs)
         # Wait for a free thread or process first, so the timeout counts running time only.
         await gate.acquire()
         try:
-            future = executor.submit(call)
+            future = self._submit(call, process)
         except BaseException:
             gate.release()
             raise
-        future.add_done_callback(lambda _: loop.call_soon_threadsafe(gate.release))
+        future.add_done_callback(lambda _: _call_soon(loop, gate.release))
         try:
             async with asyncio.timeout(timeout) as deadline:
                 return await asyncio.wrap_future(future)
         except (TimeoutError, asyncio.CancelledError) as error:
-            # Python cannot stop a thread; the slot stays taken until the function returns.
             if not future.done():
-                self._lingering += 1
-                future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._lingering_done))
+                if process:
+                    # a child process can be stopped: do it, and the next job gets a new pool
+                    self._terminate_processes()
+                else:
+                    # Python cannot stop a thread; its slot stays taken until it returns
+                    self._lingering += 1
+                    future.add_done_callback(lambda _: _call_soon(loop, self._lingering_done))
             if isinstance(error, TimeoutError) and deadline.expired():
                 raise _TimedOut from None
             raise
         except concurrent.futures.process.BrokenProcessPool:
-            # a child died (killed, out of memory): start a fresh pool for the next job
-            if self._processes is executor:
-                self._processes = None
-                executor.shutdown(wait=False, cancel_futures=True)
+            # a child died (killed, out of memory): the next job gets a fresh pool
+            self._terminate_processes()
             raise
+
+    def _submit(self, call: Callable[[], Any], process: bool) -> concurrent.futures.Future[Any]:
+        if not process:
+            assert self._threads
+            return self._threads.submit(call)
+        for _ in range(2):
+            if self._processes is None:
+                self._processes = concurrent.futures.ProcessPoolExecutor(max_workers=self._process_count)
+            try:
+                return self._processes.submit(call)
+            except concurrent.futures.process.BrokenProcessPool:
+                self._terminate_processes()  # broke while idle: once more with a new pool
+        raise concurrent.futures.process.BrokenProcessPool("could not start a process pool")
 
     def _lingering_done(self) -> None:
         self._lingering -= 1
@@ -602,8 +619,12 @@ class Worker:
                 task.cancel()
             # a handler that swallows its cancellation must not hold the exit hostage
             await asyncio.wait(leftover, timeout=5.0)
-        if self._forced:
-            self._terminate_processes()
+        # Every outcome is decided now: CPU-bound children still running belong to jobs
+        # released or timed out, which must not go on running beside their next attempt.
+        self._terminate_processes()
+        if self._claim_uncertain:
+            with contextlib.suppress(DatabaseUnavailable, psycopg.Error):
+                await self._release_orphans()
         # Record every outcome before leaving. Past the lease, or a few seconds after a
         # forced stop, an outcome could not be recorded anyway: its job is rescued.
         deadline = time.monotonic() + self.settings.lease_seconds
@@ -627,7 +648,7 @@ class Worker:
                 break
 
     def _terminate_processes(self) -> None:
-        """A forced stop ends CPU-bound jobs too (their jobs were released above)."""
+        """Stop the process pool's children; the next CPU-bound job starts a new pool."""
         pool = self._processes
         if pool is None:
             return
@@ -646,6 +667,12 @@ async def _wait_all_or(tasks: list[asyncio.Task[None]], force: asyncio.Future[An
         await asyncio.wait([everything, force], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
         everything.cancel()
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    """From an executor thread: run `callback` on the loop, unless the worker has ended."""
+    with contextlib.suppress(RuntimeError):  # the loop closed while the thread finished
+        loop.call_soon_threadsafe(callback)
 
 
 def _report_crash(task: asyncio.Task[None]) -> None:

@@ -65,3 +65,16 @@ def cpu_retry(marker: str) -> str:
 def cpu_crash() -> None:
     """Dies like a process killed by the out-of-memory killer."""
     os._exit(9)
+
+
+@app.task(name="cpu_whoami", executor="process")
+def cpu_whoami() -> list[int]:
+    """Reports the job it runs for, from inside the child process."""
+    return [current_job().id, current_job().attempt]
+
+
+@app.task(name="cpu_hang", executor="process", timeout=0.5, max_attempts=1)
+def cpu_hang(marker: str) -> None:
+    """Never finishes on its own; leaves its pid in `marker` to check it was stopped."""
+    Path(marker).write_text(str(os.getpid()))
+    time.sleep(600)

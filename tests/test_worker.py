@@ -414,3 +414,51 @@ def test_a_read_only_database_pauses_the_worker_instead_of_ending_it(app: App, d
         finally:
             admin.execute(f'alter database "{database}" reset default_transaction_read_only')
     assert app.get_job(job_id).result == "done"
+
+
+def test_process_handlers_know_their_job_and_a_hung_child_is_stopped(dsn: str, tmp_path: Any) -> None:
+    import os
+
+    from tests import sample_app
+
+    sample_app.app.configure(Settings(dsn=dsn, poll_interval=0.1))
+    app = sample_app.app
+    marker = tmp_path / "pid"
+    with running_worker(app, concurrency=2):
+        whoami = app.enqueue(None, "cpu_whoami", {})
+        wait_for_states(dsn, [whoami], timeout=60)
+        hung = app.enqueue(None, "cpu_hang", {"marker": str(marker)})
+        wait_for_states(dsn, [hung], timeout=60)
+        after = app.enqueue(None, "cpu", {"n": 10})
+        wait_for_states(dsn, [after], timeout=60)
+    assert app.get_job(whoami).result == [whoami, 1]
+    job = app.get_job(hung)
+    assert job.state is JobState.DEAD and job.errors[0]["kind"] == "timeout"
+    child = int(marker.read_text())
+
+    def gone() -> bool:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return True
+        # a zombie awaiting its parent's wait() counts as stopped too
+        with open(f"/proc/{child}/stat") as stat:
+            return stat.read().split()[2] == "Z"
+
+    wait_for(gone, timeout=10, what="the timed-out child process to be terminated")
+    assert app.get_job(after).result == 45
+    app.close()
+
+
+def test_a_cancellation_inside_the_handler_fails_the_attempt(app: App, dsn: str) -> None:
+    @app.task(name="awaits_cancelled", max_attempts=1)
+    async def awaits_cancelled() -> None:
+        other = asyncio.ensure_future(asyncio.sleep(10))
+        asyncio.get_running_loop().call_soon(other.cancel)
+        await other  # raises CancelledError although nobody cancelled this job
+
+    job_id = awaits_cancelled.enqueue(None)
+    with running_worker(app):
+        wait_for_states(dsn, [job_id], timeout=30)
+    job = app.get_job(job_id)
+    assert job.state is JobState.DEAD and job.errors[0]["error"] == "CancelledError"
