@@ -287,14 +287,6 @@ class App:
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    def task_named(self, name: str) -> Task[..., Any]:
-        try:
-            return self.tasks[name]
-        except KeyError:
-            raise UnknownTaskError(
-                f"unknown task {name!r}: this app registers {sorted(self.tasks)}"
-            ) from None
-
 
 def _get_job_plan(job_id: int) -> Plan[Job]:
     rows = yield query("get_job"), {"id": job_id}

@@ -113,7 +113,6 @@ class Worker:
         self._stop_event: asyncio.Event | None = None
         self._force_event: asyncio.Event | None = None
         self._slot_freed: asyncio.Event | None = None
-        self._on_recorded: list[Callable[[list[Outcome], list[tuple[Any, ...]]], None]] = []
         self.started = threading.Event()
 
     # -- control ------------------------------------------------------------------
@@ -151,10 +150,6 @@ class Worker:
             )
             self._forced = True
             self._force_event.set()
-
-    def on_recorded(self, callback: Callable[[list[Outcome], list[tuple[Any, ...]]], None]) -> None:
-        """Call `callback(outcomes, rows)` after each batch of outcomes is written (for tests)."""
-        self._on_recorded.append(callback)
 
     # -- main ---------------------------------------------------------------------
 
@@ -526,8 +521,6 @@ class Worker:
         # outcomes stored: slots held back by a backlog of unrecorded outcomes are free again
         assert self._slot_freed
         self._slot_freed.set()
-        for callback in self._on_recorded:
-            callback(outcomes, rows)
 
     # -- background loops -------------------------------------------------------------
 

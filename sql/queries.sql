@@ -92,7 +92,3 @@ select id, task, queue, attempt, finished_at, errors -> -1 ->> 'error' as last_e
 from pgqueue.jobs where state = 'dead'
 order by finished_at desc nulls last, id desc
 limit %(limit)s
-
--- name: schema_version
--- The newest migration applied, or null.
-select max(version) from pgqueue.migrations
