@@ -39,8 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = arguments.handler(arguments)
         return result
-    except ValidationError as error:
-        _error(describe_validation_error(error).replace("invalid job options", "invalid settings"))
+    except ValidationError as error:  # pgqueue turns its own into PgQueueError; this is a safety net
+        _error(describe_validation_error(error, "invalid input"))
         return EXIT_USAGE
     except PgQueueError as error:
         _error(str(error))
@@ -119,7 +119,9 @@ def _parser() -> argparse.ArgumentParser:
 
     command = commands.add_parser("dead", help="list the dead letter (newest first)")
     command.add_argument("--limit", type=int, default=20)
-    command.add_argument("--retry-all", action="store_true", help="requeue every listed job")
+    command.add_argument(
+        "--retry-all", action="store_true", help="requeue every dead job (not only the listed ones)"
+    )
     command.set_defaults(handler=_dead)
 
     command = commands.add_parser("demo", help="run the quick-start demo end to end")
@@ -302,7 +304,7 @@ def _job(arguments: argparse.Namespace) -> int:
 
 
 def _dead(arguments: argparse.Namespace) -> int:
-    from .status import dead_letter
+    from .status import dead_letter, retry_dead_letter
 
     app = _plain_app(arguments)
     with psycopg.connect(app.dsn, autocommit=True) as connection:
@@ -314,10 +316,9 @@ def _dead(arguments: argparse.Namespace) -> int:
         for job_id, task, queue, attempts, finished_at, last_error in rows:
             when = finished_at.isoformat(timespec="seconds") if finished_at else ""
             print(f"{job_id:>8}  {task}  queue={queue} attempts={attempts} {when}\n          {last_error}")
-            if arguments.retry_all:
-                app.retry(job_id, connection)
         if arguments.retry_all:
-            print(f"requeued {len(rows)} job(s)")
+            # every dead job, not only the listed page
+            print(f"requeued {retry_dead_letter(connection)} job(s)")
     return 0
 
 

@@ -15,7 +15,7 @@ class UnknownTaskError(InvalidJobError, LookupError):
     """The task name is not registered in the app."""
 
 
-class ConfigurationError(PgQueueError):
+class ConfigurationError(PgQueueError, ValueError):
     """A setting is wrong: bad DSN, bad import path, missing extra."""
 
 

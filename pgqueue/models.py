@@ -147,16 +147,17 @@ def validate_options(values: dict[str, Any]) -> JobOptions:
     try:
         return JobOptions.model_validate(values)
     except ValidationError as error:
-        raise InvalidJobError(describe_validation_error(error)) from None
+        raise InvalidJobError(describe_validation_error(error, "invalid job options")) from None
 
 
-def describe_validation_error(error: ValidationError) -> str:
+def describe_validation_error(error: ValidationError, what: str) -> str:
+    """pydantic's error as one line: `what: field: problem (got value); ...`."""
     parts = []
     for detail in error.errors():
         where = ".".join(str(part) for part in detail["loc"]) or "value"
         message = detail["msg"].removeprefix("Value error, ")
         parts.append(f"{where}: {message} (got {detail.get('input')!r})")
-    return "invalid job options: " + "; ".join(parts)
+    return f"{what}: " + "; ".join(parts)
 
 
 def validate_task_name(name: str) -> str:

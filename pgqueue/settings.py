@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .errors import ConfigurationError
+from .models import describe_validation_error
 
 
 class Settings(BaseSettings):
@@ -43,6 +46,13 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="seconds a worker waits on one database call before reconnecting"
     )
     reconnect_max_delay: float = Field(default=10.0, gt=0, description="cap of reconnect backoff")
+
+    def __init__(self, **values: Any) -> None:
+        # A bad setting is bad input at the edge: pgqueue's typed error, not pydantic's.
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise ConfigurationError(describe_validation_error(error, "invalid settings")) from None
 
     @field_validator("queues", mode="before")
     @classmethod

@@ -35,3 +35,17 @@ def queue_states(connection: psycopg.Connection[Any]) -> list[QueueState]:
 def dead_letter(connection: psycopg.Connection[Any], limit: int = 20) -> list[tuple[Any, ...]]:
     """The newest dead-lettered jobs: id, task, queue, attempts, finished_at, last error."""
     return connection.execute(query("dead_jobs"), {"limit": limit}).fetchall()
+
+
+def retry_dead_letter(connection: psycopg.Connection[Any], batch: int = 1000) -> int:
+    """Requeue every dead-lettered job, `batch` at a time; how many were requeued.
+
+    `connection` should be in autocommit mode, so each batch commits on its own.
+    """
+    total = 0
+    while True:
+        row = connection.execute(query("retry_dead_batch"), {"limit": batch}).fetchone()
+        requeued = int(row[0]) if row else 0
+        if requeued == 0:
+            return total
+        total += requeued

@@ -92,3 +92,16 @@ select id, task, queue, attempt, finished_at, errors -> -1 ->> 'error' as last_e
 from pgqueue.jobs where state = 'dead'
 order by finished_at desc nulls last, id desc
 limit %(limit)s
+
+-- name: retry_dead_batch
+-- Redrive up to %(limit)s dead jobs, oldest first; the caller repeats until none is left,
+-- so a large dead letter is requeued in short transactions.
+with batch as materialized (
+    -- locked first, then redriven: a function in the locking query's own select list
+    -- would update rows before they are locked, and the lock would then skip them
+    select id from pgqueue.jobs where state = 'dead'
+    order by id
+    limit %(limit)s
+    for update skip locked
+)
+select count(*) filter (where pgqueue.retry_job(id)) from batch

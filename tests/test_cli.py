@@ -9,19 +9,18 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.conftest import REPOSITORY, pgqueue_command
+from pgqueue.status import retry_dead_letter
+from tests.conftest import pgqueue_command, subprocess_environment
 
 
 def pgqueue(*arguments: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    import os
-
+    """Run the command in the test's own directory (see conftest's isolated_environment)."""
     return subprocess.run(
         pgqueue_command(*arguments),
-        cwd=REPOSITORY,
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, **(env or {})},
+        env=subprocess_environment(**(env or {})),
     )
 
 
@@ -78,19 +77,41 @@ def test_migrate_enqueue_status_job_cancel_and_retry(empty_dsn: str) -> None:
     assert missing.returncode == 2 and "no job with id 999999" in missing.stderr
 
 
-def test_dead_letter_listing_and_redrive(dsn: str, connection: psycopg.Connection[Any]) -> None:
-    assert "empty" in pgqueue("--dsn", dsn, "dead").stdout
-    row = connection.execute("select pgqueue.enqueue('broken.task')").fetchone()
-    assert row
+def kill_jobs(connection: psycopg.Connection[Any], count: int) -> None:
+    """`count` dead-lettered jobs, and one succeeded job that must stay as it is."""
+    connection.execute("select pgqueue.enqueue('broken.task') from generate_series(1, %s)", (count,))
     connection.execute(
-        "update pgqueue.jobs set state = 'dead', attempt = 3, errors = '[{\"error\": \"ValueError: nope\"}]'"
+        "update pgqueue.jobs set state = 'dead', attempt = 3, finished_at = now(),"
+        ' errors = \'[{"error": "ValueError: nope"}]\''
     )
-    listing = pgqueue("--dsn", dsn, "dead", "--retry-all")
+    connection.execute("select pgqueue.enqueue('fine.task')")
+    connection.execute("update pgqueue.jobs set state = 'succeeded' where task = 'fine.task'")
+
+
+def test_dead_letter_listing_and_redrive_of_more_than_one_page(
+    dsn: str, connection: psycopg.Connection[Any]
+) -> None:
+    assert "empty" in pgqueue("--dsn", dsn, "dead").stdout
+    kill_jobs(connection, 45)  # more than the listing's page of 20
+    listing = pgqueue("--dsn", dsn, "dead")
     assert listing.returncode == 0
-    assert "broken.task" in listing.stdout and "ValueError: nope" in listing.stdout
-    assert "requeued 1 job(s)" in listing.stdout
-    state = connection.execute("select state::text, attempt from pgqueue.jobs").fetchone()
-    assert state == ("queued", 0)
+    assert listing.stdout.count("broken.task") == 20 and "ValueError: nope" in listing.stdout
+    redriven = pgqueue("--dsn", dsn, "dead", "--retry-all")
+    assert redriven.returncode == 0, redriven.stderr
+    assert "requeued 45 job(s)" in redriven.stdout
+    states = connection.execute(
+        "select task, state::text, attempt, count(*) from pgqueue.jobs group by 1, 2, 3 order by 1"
+    ).fetchall()
+    assert states == [("broken.task", "queued", 0, 45), ("fine.task", "succeeded", 0, 1)]
+    assert "empty" in pgqueue("--dsn", dsn, "dead").stdout
+
+
+def test_redrive_of_the_whole_dead_letter_goes_in_batches(connection: psycopg.Connection[Any]) -> None:
+    kill_jobs(connection, 23)
+    assert retry_dead_letter(connection, batch=5) == 23
+    row = connection.execute("select count(*) from pgqueue.jobs where state = 'dead'").fetchone()
+    assert row == (0,)
+    assert retry_dead_letter(connection, batch=5) == 0
 
 
 @pytest.mark.parametrize(

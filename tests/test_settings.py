@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 
-from pgqueue import ConfigurationError, Settings
+from pgqueue import App, ConfigurationError, Settings
 from pgqueue.database import redact, validate_dsn
 
 
@@ -28,10 +27,21 @@ def test_dot_env_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.dsn == "postgresql://u@db.example/app" and settings.lease_seconds == 12
 
 
-def test_bad_settings_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_settings_are_refused_with_a_typed_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PGQUEUE_CONCURRENCY", "0")
-    with pytest.raises(ValidationError, match="concurrency"):
+    with pytest.raises(
+        ConfigurationError, match=r"invalid settings: concurrency: .*greater than or equal to 1"
+    ):
         Settings()
+    with pytest.raises(ConfigurationError, match="lease_seconds"):
+        Settings(lease_seconds=-1)
+    with pytest.raises(ConfigurationError, match="poll_interval"):
+        App(Settings(poll_interval="often"))
+
+
+def test_no_setting_leaks_in_from_the_developers_environment() -> None:
+    # the autouse fixture cleared PGQUEUE_* and moved to an empty directory: defaults only
+    assert Settings() == Settings.model_construct()
 
 
 def test_dsn_is_checked_and_its_password_never_shown() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from typing import Any
@@ -13,6 +14,35 @@ import pytest
 
 from pgqueue import App, Fail, JobState, Retry, RetryPolicy, Settings, current_job
 from pgqueue.testing import running_worker, wait_for, wait_for_states
+from tests.processes import process_gone
+
+
+def listeners(dsn: str) -> int:
+    """Connections to this test's database that LISTEN for jobs."""
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        row = connection.execute(
+            "select count(*) from pg_stat_activity where datname = current_database()"
+            " and (application_name = 'pgqueue-listen' or query ilike 'listen%')"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def claimer_idle(dsn: str) -> bool:
+    """The worker's claim connection is idle after a claim (waiting for a wake-up)."""
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        row = connection.execute(
+            "select state from pg_stat_activity where datname = current_database()"
+            " and application_name = 'pgqueue-claim'"
+        ).fetchone()
+    return row is not None and row[0] == "idle"
+
+
+def failed_claims(caplog: pytest.LogCaptureFixture) -> int:
+    return sum("could not claim jobs" in record.getMessage() for record in caplog.records)
+
+
+def worker_threads() -> int:
+    return sum(thread.name == "pgqueue-test-worker" for thread in threading.enumerate())
 
 
 def test_runs_async_sync_and_process_handlers_and_stores_results(app: App, dsn: str) -> None:
@@ -120,12 +150,15 @@ def test_unknown_task_at_run_time_is_dead_lettered_with_a_clear_error(app: App, 
 
 
 def test_timeout_stops_the_handler_and_counts_as_a_failed_attempt(app: App, dsn: str) -> None:
-    finished = threading.Event()
+    cancelled: list[int] = []
 
     @app.task(name="hangs", timeout=0.3, max_attempts=2, retry=RetryPolicy.fixed(0))
     async def hangs() -> None:
-        await asyncio.sleep(30)
-        finished.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append(current_job().attempt)  # the handler itself was stopped
+            raise
 
     @app.task(name="quick_enough", timeout=5)
     async def quick_enough() -> str:
@@ -139,7 +172,7 @@ def test_timeout_stops_the_handler_and_counts_as_a_failed_attempt(app: App, dsn:
     assert job.state is JobState.DEAD and job.attempt == 2
     assert [error["kind"] for error in job.errors] == ["timeout", "timeout"]
     assert "longer than its timeout of 0.3s" in job.errors[0]["error"]
-    assert not finished.is_set()
+    assert cancelled == [1, 2]
     assert app.get_job(fast).result == "fine"
 
 
@@ -193,29 +226,36 @@ def test_delayed_job_waits_for_its_time(app: App, dsn: str) -> None:
     @app.task(name="later")
     async def later() -> None: ...
 
-    job_id = later.options(delay=0.6).enqueue(None)
+    job_id = later.options(delay=1.0).enqueue(None)
+    soon = later.enqueue(None)
     with running_worker(app):
-        time.sleep(0.3)
-        assert app.get_job(job_id).state is JobState.QUEUED
-        wait_for_states(dsn, [job_id], ["succeeded"])
-    job = app.get_job(job_id)
+        wait_for_states(dsn, [job_id, soon], ["succeeded"])
+    job, first = app.get_job(job_id), app.get_job(soon)
+    assert (job.run_at - job.created_at).total_seconds() == pytest.approx(1.0, abs=0.01)
     assert job.started_at is not None and job.started_at >= job.run_at
+    assert first.started_at is not None and first.started_at < job.run_at  # the worker was running
 
 
 def test_idle_worker_wakes_on_notify_without_waiting_for_a_poll(dsn: str) -> None:
     # polling every 60 s: only NOTIFY can start the job within the test's timeout
-    app = App(Settings(dsn=dsn, poll_interval=60))
-    started = threading.Event()
+    app = App(Settings(dsn=dsn, poll_interval=600))
+    started: list[int] = []
 
     @app.task(name="wake")
-    async def wake() -> None:
-        started.set()
+    async def wake(n: int) -> None:
+        started.append(n)
 
-    with running_worker(app):
-        time.sleep(0.2)  # let the worker go idle on LISTEN
-        wake.enqueue(None)
-        assert started.wait(10), "a NOTIFY should wake the idle worker"
-    app.close()
+    try:
+        with running_worker(app):
+            wait_for(lambda: listeners(dsn) == 1, what="the worker's LISTEN connection")
+            # the listener wakes the claim loop once when it connects: let that pass first
+            wake.enqueue(None, n=1)
+            wait_for(lambda: started == [1], timeout=30, what="the first job")
+            wait_for(lambda: claimer_idle(dsn), what="the claim connection to go idle")
+            wake.enqueue(None, n=2)
+            wait_for(lambda: started == [1, 2], timeout=30, what="a NOTIFY to wake the idle worker")
+    finally:
+        app.close()
 
 
 def test_poll_only_mode_still_runs_jobs(dsn: str) -> None:
@@ -224,25 +264,27 @@ def test_poll_only_mode_still_runs_jobs(dsn: str) -> None:
     @app.task(name="polled")
     async def polled() -> None: ...
 
-    with running_worker(app, listen=False) as worker:
-        assert worker.listen is False
-        job_id = polled.enqueue(None)
-        wait_for_states(dsn, [job_id], ["succeeded"])
-    app.close()
+    try:
+        with running_worker(app, listen=False):
+            job_id = polled.enqueue(None)
+            wait_for_states(dsn, [job_id], ["succeeded"])
+            assert listeners(dsn) == 0, "a poll-only worker must not hold a LISTEN connection"
+    finally:
+        app.close()
 
 
 def test_graceful_shutdown_finishes_running_jobs(app: App, dsn: str) -> None:
-    started = threading.Event()
+    started: list[int] = []
 
     @app.task(name="slow_but_fine")
     async def slow_but_fine(n: int) -> int:
-        started.set()
+        started.append(n)
         await asyncio.sleep(0.5)
         return n
 
     ids = slow_but_fine.enqueue_many(None, [{"n": n} for n in range(3)])
     with running_worker(app, concurrency=3):
-        assert started.wait(10)
+        wait_for(lambda: len(started) == 3, what="three jobs to start")
     # leaving the block stopped the worker: within the grace period jobs finished
     assert {app.get_job(job_id).state for job_id in ids} == {JobState.SUCCEEDED}
 
@@ -250,15 +292,21 @@ def test_graceful_shutdown_finishes_running_jobs(app: App, dsn: str) -> None:
 def test_shutdown_releases_jobs_that_overrun_the_grace_period(dsn: str) -> None:
     app = App(Settings(dsn=dsn, shutdown_grace=0.3))
     started = threading.Event()
+    stopped: list[str] = []
 
     @app.task(name="too_slow", max_attempts=3)
     async def too_slow() -> None:
         started.set()
-        await asyncio.sleep(30)
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            stopped.append("cancelled")
+            raise
 
     job_id = too_slow.enqueue(None)
     with running_worker(app):
         assert started.wait(10)
+    assert stopped == ["cancelled"]  # released means stopped here, not left running
     job = app.get_job(job_id)
     # handed back, not failed: the attempt does not count, the note says why
     assert job.state is JobState.QUEUED and job.attempt == 0 and job.worker is None
@@ -285,18 +333,23 @@ def test_worker_refuses_a_newer_schema(app: App, dsn: str) -> None:
         pass
 
 
-def test_heartbeat_keeps_a_long_job_from_being_rescued(app: App, dsn: str) -> None:
+def test_heartbeat_keeps_a_long_job_from_being_rescued(lease_settings: Settings, dsn: str) -> None:
     # lease 2 s, job 3 s: without heartbeats another sweep would requeue it mid-run
+    app = App(lease_settings)
+
     @app.task(name="long")
     async def long() -> str:
         await asyncio.sleep(3)
         return "finished once"
 
     job_id = long.enqueue(None)
-    with running_worker(app):
-        wait_for_states(dsn, [job_id], ["succeeded"])
-    job = app.get_job(job_id)
-    assert job.attempt == 1 and job.errors == []
+    try:
+        with running_worker(app):
+            wait_for_states(dsn, [job_id], ["succeeded"])
+        job = app.get_job(job_id)
+        assert job.attempt == 1 and job.errors == []
+    finally:
+        app.close()
 
 
 def test_context_is_visible_in_sync_handlers(app: App, dsn: str) -> None:
@@ -375,11 +428,8 @@ def test_sync_timeouts_count_running_time_not_time_spent_waiting_for_a_thread(ds
     app.close()
 
 
-def test_retry_and_crashes_in_process_pool_handlers(dsn: str, tmp_path: Any) -> None:
-    from tests import sample_app
-
-    sample_app.app.configure(Settings(dsn=dsn, poll_interval=0.1))
-    app = sample_app.app
+def test_retry_and_crashes_in_process_pool_handlers(sample: App, dsn: str, tmp_path: Any) -> None:
+    app = sample
     with running_worker(app, concurrency=2):
         retried_id = app.enqueue(None, "cpu_retry", {"marker": str(tmp_path / "marker")})
         wait_for_states(dsn, [retried_id], timeout=60)
@@ -392,10 +442,11 @@ def test_retry_and_crashes_in_process_pool_handlers(dsn: str, tmp_path: Any) -> 
     assert retried.errors[0]["kind"] == "retry"
     assert crashed.state is JobState.DEAD and "BrokenProcessPool" in crashed.errors[0]["error"]
     assert app.get_job(after_crash).result == 4950  # a fresh pool took over
-    app.close()
 
 
-def test_a_read_only_database_pauses_the_worker_instead_of_ending_it(app: App, dsn: str) -> None:
+def test_a_read_only_database_pauses_the_worker_instead_of_ending_it(
+    app: App, dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
     @app.task(name="writes")
     async def writes() -> str:
         return "done"
@@ -405,10 +456,11 @@ def test_a_read_only_database_pauses_the_worker_instead_of_ending_it(app: App, d
     with psycopg.connect(dsn, autocommit=True) as admin:
         admin.execute(f'alter database "{database}" set default_transaction_read_only = on')
         try:
-            with running_worker(app) as worker:
-                time.sleep(1.5)  # claims fail: the server is read-only, as after a failover
+            with caplog.at_level(logging.WARNING, "pgqueue"), running_worker(app):
+                # claims fail: the server is read-only, as after a failover
+                wait_for(lambda: failed_claims(caplog) >= 3, what="three failed claims")
                 assert app.get_job(job_id).state is JobState.QUEUED
-                assert worker.started.is_set()
+                assert worker_threads() == 1, "the worker must keep trying, not end"
                 admin.execute(f'alter database "{database}" reset default_transaction_read_only')
                 wait_for_states(dsn, [job_id], timeout=30)
         finally:
@@ -416,13 +468,10 @@ def test_a_read_only_database_pauses_the_worker_instead_of_ending_it(app: App, d
     assert app.get_job(job_id).result == "done"
 
 
-def test_process_handlers_know_their_job_and_a_hung_child_is_stopped(dsn: str, tmp_path: Any) -> None:
-    import os
-
-    from tests import sample_app
-
-    sample_app.app.configure(Settings(dsn=dsn, poll_interval=0.1))
-    app = sample_app.app
+def test_process_handlers_know_their_job_and_a_hung_child_is_stopped(
+    sample: App, dsn: str, tmp_path: Any
+) -> None:
+    app = sample
     marker = tmp_path / "pid"
     with running_worker(app, concurrency=2):
         whoami = app.enqueue(None, "cpu_whoami", {})
@@ -435,19 +484,8 @@ def test_process_handlers_know_their_job_and_a_hung_child_is_stopped(dsn: str, t
     job = app.get_job(hung)
     assert job.state is JobState.DEAD and job.errors[0]["kind"] == "timeout"
     child = int(marker.read_text())
-
-    def gone() -> bool:
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
-            return True
-        # a zombie awaiting its parent's wait() counts as stopped too
-        with open(f"/proc/{child}/stat") as stat:
-            return stat.read().split()[2] == "Z"
-
-    wait_for(gone, timeout=10, what="the timed-out child process to be terminated")
+    wait_for(lambda: process_gone(child), timeout=10, what="the timed-out child process to be terminated")
     assert app.get_job(after).result == 45
-    app.close()
 
 
 def test_a_cancellation_inside_the_handler_fails_the_attempt(app: App, dsn: str) -> None:
@@ -462,3 +500,34 @@ def test_a_cancellation_inside_the_handler_fails_the_attempt(app: App, dsn: str)
         wait_for_states(dsn, [job_id], timeout=30)
     job = app.get_job(job_id)
     assert job.state is JobState.DEAD and job.errors[0]["error"] == "CancelledError"
+
+
+def test_the_test_helper_fails_loudly_when_its_worker_never_starts() -> None:
+    app = App(Settings(dsn="postgresql://postgres@127.0.0.1:1/nowhere", reconnect_max_delay=0.2))
+    try:
+        with (
+            pytest.raises(AssertionError, match="did not start within 1s"),
+            running_worker(app, start_timeout=1),
+        ):
+            pass
+    finally:
+        app.close()
+    assert worker_threads() == 0  # stopped before the error, not leaked
+
+
+def test_the_test_helper_fails_loudly_when_its_worker_does_not_stop_in_time(app: App, dsn: str) -> None:
+    started = threading.Event()
+
+    @app.task(name="outlasts_the_helper")
+    async def outlasts_the_helper() -> None:
+        started.set()
+        await asyncio.sleep(30)  # longer than the helper waits, shorter than nothing
+
+    job_id = outlasts_the_helper.enqueue(None)
+    with (
+        pytest.raises(AssertionError, match=r"did not stop within 0\.5s"),
+        running_worker(app, stop_timeout=0.5),
+    ):
+        assert started.wait(10)
+    assert worker_threads() == 0  # forced, then joined: nothing leaks into the next test
+    assert app.get_job(job_id).state is JobState.QUEUED  # the forced stop handed the job back
