@@ -14,7 +14,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from . import producer
 from .database import resolve_dsn
 from .errors import JobNotFoundError, UnknownTaskError
-from .migrate import migrate, migrate_async
+from .migrate import migrate, migrate_async, schema_required
 from .models import Job, JobOptions, RetryPolicy, validate_options, validate_task_name
 from .plans import Plan, drive, drive_async
 from .settings import Settings
@@ -255,19 +255,21 @@ class App:
 
     @contextmanager
     def _using(self, connection: Connection | None) -> Iterator[Connection]:
-        if connection is not None:
-            yield connection
-        else:
-            with self.pool().connection() as conn:
-                yield conn
+        with schema_required():
+            if connection is not None:
+                yield connection
+            else:
+                with self.pool().connection() as conn:
+                    yield conn
 
     @asynccontextmanager
     async def _using_async(self, connection: AsyncConnection | None) -> AsyncIterator[AsyncConnection]:
-        if connection is not None:
-            yield connection
-        else:
-            async with (await self.async_pool()).connection() as conn:
-                yield conn
+        with schema_required():
+            if connection is not None:
+                yield connection
+            else:
+                async with (await self.async_pool()).connection() as conn:
+                    yield conn
 
     def close(self) -> None:
         """Close the app's sync pool (the async one needs `aclose`)."""

@@ -6,7 +6,8 @@ The logic lives once, in generators that yield statements and receive their rows
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -81,6 +82,31 @@ async def migrate_async(connection: psycopg.AsyncConnection[Any]) -> list[int]:
     """The async twin of `migrate`: same plan, same transaction rules."""
     async with atomic_async(connection):
         return await drive_async(connection, _migration_plan(migrations()))
+
+
+# What a statement meets on a database that was never migrated (or migrated by an older
+# pgqueue that lacks a function): the schema, a table or a function is missing.
+_MISSING_SCHEMA = (
+    psycopg.errors.InvalidSchemaName,
+    psycopg.errors.UndefinedTable,
+    psycopg.errors.UndefinedFunction,
+)
+
+
+@contextlib.contextmanager
+def schema_required() -> Iterator[None]:
+    """Turn the server's "no such schema/table/function" into SchemaNotMigratedError.
+
+    Producers do not check the schema version before each enqueue (that would cost a
+    round trip per job); they learn of a missing schema from the statement itself.
+    """
+    try:
+        yield
+    except _MISSING_SCHEMA as error:
+        raise SchemaNotMigratedError(
+            f"the pgqueue schema is missing or out of date in this database ({str(error).splitlines()[0]}): "
+            "run `pgqueue migrate` (or pgqueue.migrate(conn))"
+        ) from error
 
 
 def _version_plan() -> Plan[int]:

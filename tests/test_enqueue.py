@@ -278,3 +278,36 @@ def test_bad_task_registration(settings: Any) -> None:
         app.task(name="once")(lambda: None)
     with pytest.raises(ValueError, match="async def"):
         app.task(name="sync_as_async", executor="async")(lambda: None)
+
+
+def test_producers_on_an_unmigrated_database_get_a_typed_error(empty_dsn: str) -> None:
+    from pgqueue import SchemaNotMigratedError, Settings
+
+    app, send_welcome = make_app(Settings(dsn=empty_dsn))
+
+    async def enqueue_async() -> None:
+        async with await psycopg.AsyncConnection.connect(empty_dsn) as connection:
+            await send_welcome.enqueue_async(connection, user_id=1)
+
+    attempts = {
+        "the app's pool": lambda: send_welcome.enqueue(None, user_id=1),
+        "bulk": lambda: send_welcome.enqueue_many(None, [{"user_id": 1}, {"user_id": 2}]),
+        "by name": lambda: app.enqueue(None, "emails.send_welcome", {"user_id": 1}),
+        "async": lambda: asyncio.run(enqueue_async()),
+        "job lookup": lambda: app.get_job(1),
+    }
+    try:
+        for what, attempt in attempts.items():
+            try:
+                attempt()
+            except SchemaNotMigratedError as error:
+                assert "run `pgqueue migrate`" in str(error), what
+            else:
+                raise AssertionError(f"{what}: enqueued on a database without the pgqueue schema")
+        with psycopg.connect(empty_dsn) as connection:  # the caller's own transaction
+            with pytest.raises(SchemaNotMigratedError):
+                send_welcome.enqueue(connection, user_id=1)
+            connection.rollback()
+            assert connection.execute("select 1").fetchone() == (1,)  # still usable after rollback
+    finally:
+        app.close()
