@@ -13,7 +13,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from . import producer
 from .database import resolve_dsn
-from .errors import JobNotFoundError, UnknownTaskError
+from .errors import ConfigurationError, JobNotFoundError, UnknownTaskError
 from .migrate import migrate, migrate_async, schema_required
 from .models import Job, JobOptions, RetryPolicy, validate_options, validate_task_name
 from .plans import Plan, drive, drive_async
@@ -103,15 +103,17 @@ class App:
             )
             task_name = validate_task_name(name or f"{target.__module__}.{target.__qualname__}")
             if task_name in self.tasks:
-                raise ValueError(f"a task named {task_name!r} is already registered")
+                raise ConfigurationError(f"a task named {task_name!r} is already registered")
             chosen = executor or ("async" if inspect.iscoroutinefunction(target) else "thread")
             if chosen == "async" and not inspect.iscoroutinefunction(target):
-                raise ValueError(f"task {task_name!r}: executor 'async' needs an async def function")
+                raise ConfigurationError(f"task {task_name!r}: executor 'async' needs an async def function")
             if chosen in ("thread", "process") and inspect.iscoroutinefunction(target):
-                raise ValueError(f"task {task_name!r}: executor {chosen!r} needs a plain def function")
+                raise ConfigurationError(
+                    f"task {task_name!r}: executor {chosen!r} needs a plain def function"
+                )
             if chosen == "process" and "<locals>" in target.__qualname__:
                 # the child process finds the function again by import path
-                raise ValueError(
+                raise ConfigurationError(
                     f"task {task_name!r}: executor 'process' needs a function defined at module "
                     "level, so the process pool can import it"
                 )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from .errors import InvalidJobError
+
 # Ten years: any longer delay is a bug, and Postgres timestamps overflow past 294276 AD.
 MAX_DELAY_SECONDS = 315_360_000
 
@@ -18,9 +20,9 @@ class Retry(Exception):
     def __init__(self, delay: float | timedelta = 0.0, reason: str = "retry requested") -> None:
         seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
         if not 0 <= seconds < float("inf"):
-            raise ValueError(f"Retry delay must be a non-negative number of seconds, got {delay!r}")
+            raise InvalidJobError(f"Retry delay must be a non-negative number of seconds, got {delay!r}")
         if seconds > MAX_DELAY_SECONDS:
-            raise ValueError(
+            raise InvalidJobError(
                 f"Retry delay is capped at {MAX_DELAY_SECONDS} seconds (10 years), got {seconds}"
             )
         super().__init__(reason)

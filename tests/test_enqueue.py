@@ -10,7 +10,16 @@ from typing import Any
 import psycopg
 import pytest
 
-from pgqueue import App, InvalidJobError, JobState, Priority, RetryPolicy, UnknownTaskError
+from pgqueue import (
+    App,
+    ConfigurationError,
+    InvalidJobError,
+    JobState,
+    Priority,
+    Retry,
+    RetryPolicy,
+    UnknownTaskError,
+)
 
 
 def make_app(settings: Any) -> tuple[App, Any]:
@@ -274,10 +283,24 @@ def test_bad_task_registration(settings: Any) -> None:
     @app.task(name="once")
     def once() -> None: ...
 
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(ConfigurationError, match="already registered"):
         app.task(name="once")(lambda: None)
-    with pytest.raises(ValueError, match="async def"):
+    with pytest.raises(ConfigurationError, match="async def"):
         app.task(name="sync_as_async", executor="async")(lambda: None)
+
+    async def coroutine() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="plain def"):
+        app.task(name="async_in_a_thread", executor="thread")(coroutine)
+    with pytest.raises(ConfigurationError, match="module level"):
+        app.task(name="local_in_a_process", executor="process")(lambda: None)
+
+
+def test_a_bad_retry_request_is_a_typed_error() -> None:
+    with pytest.raises(InvalidJobError, match="non-negative"):
+        Retry(delay=-1)
+    with pytest.raises(InvalidJobError, match="capped"):
+        Retry(delay=timedelta(days=365 * 11))
 
 
 def test_producers_on_an_unmigrated_database_get_a_typed_error(empty_dsn: str) -> None:
