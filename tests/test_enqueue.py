@@ -202,6 +202,19 @@ def test_sql_enqueue_rejects_bad_input(connection: psycopg.Connection[Any]) -> N
         connection.execute("select pgqueue.enqueue('t', queue => 'bad queue; drop table x')")
 
 
+def notifications_until_sentinel(dsn: str, listener: psycopg.Connection[Any]) -> list[tuple[str, str]]:
+    """Notifications received before a sentinel sent afterwards: Postgres delivers them in
+    commit order, so whatever the earlier commits sent has arrived once the sentinel has."""
+    with psycopg.connect(dsn, autocommit=True) as sender:
+        sender.execute("select pg_notify('pgqueue_jobs', 'sentinel')")
+    received = []
+    for notification in listener.notifies(timeout=30):
+        if notification.payload == "sentinel":
+            return received
+        received.append((notification.channel, notification.payload))
+    raise AssertionError(f"the sentinel notification never arrived (got {received})")
+
+
 def test_one_notify_per_transaction_not_per_row(settings: Any, dsn: str) -> None:
     _, send_welcome = make_app(settings)
     with psycopg.connect(dsn, autocommit=True) as listener:
@@ -210,13 +223,11 @@ def test_one_notify_per_transaction_not_per_row(settings: Any, dsn: str) -> None
             for n in range(50):
                 send_welcome.enqueue(connection, user_id=n)
             send_welcome.enqueue_many(connection, [{"user_id": n} for n in range(50)])
-        received = list(listener.notifies(timeout=1.0))
+        assert notifications_until_sentinel(dsn, listener) == [("pgqueue_jobs", "emails")]
         # a delayed job wakes nobody: it is not due yet
         with psycopg.connect(dsn) as connection:
             send_welcome.options(delay=60).enqueue(connection, user_id=1)
-        later = list(listener.notifies(timeout=0.5))
-    assert [(n.channel, n.payload) for n in received] == [("pgqueue_jobs", "emails")]
-    assert later == []
+        assert notifications_until_sentinel(dsn, listener) == []
 
 
 def test_unknown_task_name_is_refused_when_the_registry_is_known(settings: Any) -> None:
