@@ -99,12 +99,27 @@ class WorkerConnection:
         Raises DatabaseUnavailable when the link failed (the caller retries later), and
         the server's own error, unchanged, when the statement failed.
         """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout_at(deadline):
                 connection = await self.connect()
-                cursor = connection.cursor(row_factory=tuple_row)
-                await cursor.execute(statement, params)
-                return await cursor.fetchall() if cursor.description is not None else []
+            call = asyncio.ensure_future(_execute(connection, statement, params))
+            try:
+                done, _ = await asyncio.wait({call}, timeout=max(0.0, deadline - loop.time()))
+            finally:
+                if not call.done():
+                    # Cancelling psycopg mid-query makes it send a cancel request and wait
+                    # for the query to end: up to 10 s more over a dead link. End the
+                    # session first, so psycopg has no running query left to cancel.
+                    connection.pgconn.finish()
+                    call.cancel()
+                    await asyncio.wait({call})
+            if call not in done:
+                if not call.cancelled():
+                    call.exception()  # retrieved: the timeout is what failed
+                raise TimeoutError(f"no reply within {self.timeout:g}s")
+            return call.result()
         except _ANY_DATABASE_ERROR as error:
             if not is_link_failure(error):
                 # A fresh session after a server error: settings such as a failover's
@@ -124,3 +139,11 @@ class WorkerConnection:
 
     async def close(self) -> None:
         await self.discard()
+
+
+async def _execute(
+    connection: psycopg.AsyncConnection[Any], statement: str, params: dict[str, Any]
+) -> list[tuple[Any, ...]]:
+    cursor = connection.cursor(row_factory=tuple_row)
+    await cursor.execute(statement, params)
+    return await cursor.fetchall() if cursor.description is not None else []

@@ -9,8 +9,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from pgqueue.status import retry_dead_letter
 from tests.conftest import pgqueue_command, subprocess_environment
+
+# every test here starts the command as a subprocess, a Python start-up each time
+pytestmark = pytest.mark.slow
 
 
 def pgqueue(*arguments: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -104,14 +106,6 @@ def test_dead_letter_listing_and_redrive_of_more_than_one_page(
     ).fetchall()
     assert states == [("broken.task", "queued", 0, 45), ("fine.task", "succeeded", 0, 1)]
     assert "empty" in pgqueue("--dsn", dsn, "dead").stdout
-
-
-def test_redrive_of_the_whole_dead_letter_goes_in_batches(connection: psycopg.Connection[Any]) -> None:
-    kill_jobs(connection, 23)
-    assert retry_dead_letter(connection, batch=5) == 23
-    row = connection.execute("select count(*) from pgqueue.jobs where state = 'dead'").fetchone()
-    assert row == (0,)
-    assert retry_dead_letter(connection, batch=5) == 0
 
 
 @pytest.mark.parametrize(

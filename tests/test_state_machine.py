@@ -9,6 +9,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from pgqueue.status import retry_dead_letter
+
 T0 = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
 
 
@@ -238,3 +240,16 @@ def test_claim_across_several_queues_keeps_priority_order(connection: psycopg.Co
         return [row[0] for row in rows]
 
     assert [claim_from(["a", "b"]) for _ in range(4)] == [[high], [middle], [low], []]
+
+
+def test_redrive_of_the_whole_dead_letter_goes_in_batches(connection: psycopg.Connection[Any]) -> None:
+    connection.execute("select pgqueue.enqueue('broken.task') from generate_series(1, 23)")
+    connection.execute("select pgqueue.enqueue('fine.task')")
+    connection.execute("update pgqueue.jobs set state = 'dead', attempt = 3 where task = 'broken.task'")
+    assert retry_dead_letter(connection, batch=5) == 23
+    row = connection.execute("select count(*) from pgqueue.jobs where state = 'dead'").fetchone()
+    assert row == (0,)
+    assert retry_dead_letter(connection, batch=5) == 0
+    assert connection.execute("select state::text from pgqueue.jobs where task = 'fine.task'").fetchone() == (
+        "queued",
+    )

@@ -45,6 +45,7 @@ def worker_threads() -> int:
     return sum(thread.name == "pgqueue-test-worker" for thread in threading.enumerate())
 
 
+@pytest.mark.slow
 def test_runs_async_sync_and_process_handlers_and_stores_results(app: App, dsn: str) -> None:
     seen_threads: list[str] = []
 
@@ -76,6 +77,7 @@ def test_runs_async_sync_and_process_handlers_and_stores_results(app: App, dsn: 
     assert seen_threads and seen_threads[0].startswith("pgqueue-job")
 
 
+@pytest.mark.slow
 def test_failures_retry_with_backoff_then_dead_letter_then_requeue(app: App, dsn: str) -> None:
     calls: list[int] = []
     fixed = {"succeed": False}
@@ -226,12 +228,12 @@ def test_delayed_job_waits_for_its_time(app: App, dsn: str) -> None:
     @app.task(name="later")
     async def later() -> None: ...
 
-    job_id = later.options(delay=1.0).enqueue(None)
+    job_id = later.options(delay=0.5).enqueue(None)
     soon = later.enqueue(None)
     with running_worker(app):
         wait_for_states(dsn, [job_id, soon], ["succeeded"])
     job, first = app.get_job(job_id), app.get_job(soon)
-    assert (job.run_at - job.created_at).total_seconds() == pytest.approx(1.0, abs=0.01)
+    assert (job.run_at - job.created_at).total_seconds() == pytest.approx(0.5, abs=0.01)
     assert job.started_at is not None and job.started_at >= job.run_at
     assert first.started_at is not None and first.started_at < job.run_at  # the worker was running
 
@@ -333,6 +335,7 @@ def test_worker_refuses_a_newer_schema(app: App, dsn: str) -> None:
         pass
 
 
+@pytest.mark.slow
 def test_heartbeat_keeps_a_long_job_from_being_rescued(lease_settings: Settings, dsn: str) -> None:
     # lease 2 s, job 3 s: without heartbeats another sweep would requeue it mid-run
     app = App(lease_settings)
@@ -409,6 +412,7 @@ def test_handler_raising_system_exit_fails_its_attempt_not_the_worker(app: App, 
     assert app.get_job(second).result == "still alive"
 
 
+@pytest.mark.slow
 def test_sync_timeouts_count_running_time_not_time_spent_waiting_for_a_thread(dsn: str) -> None:
     app = App(Settings(dsn=dsn, poll_interval=0.1))
     starts: list[int] = []
@@ -428,6 +432,7 @@ def test_sync_timeouts_count_running_time_not_time_spent_waiting_for_a_thread(ds
     app.close()
 
 
+@pytest.mark.slow
 def test_retry_and_crashes_in_process_pool_handlers(sample: App, dsn: str, tmp_path: Any) -> None:
     app = sample
     with running_worker(app, concurrency=2):
@@ -468,6 +473,7 @@ def test_a_read_only_database_pauses_the_worker_instead_of_ending_it(
     assert app.get_job(job_id).result == "done"
 
 
+@pytest.mark.slow
 def test_process_handlers_know_their_job_and_a_hung_child_is_stopped(
     sample: App, dsn: str, tmp_path: Any
 ) -> None:
@@ -506,8 +512,8 @@ def test_the_test_helper_fails_loudly_when_its_worker_never_starts() -> None:
     app = App(Settings(dsn="postgresql://postgres@127.0.0.1:1/nowhere", reconnect_max_delay=0.2))
     try:
         with (
-            pytest.raises(AssertionError, match="did not start within 1s"),
-            running_worker(app, start_timeout=1),
+            pytest.raises(AssertionError, match=r"did not start within 0\.5s"),
+            running_worker(app, start_timeout=0.5),
         ):
             pass
     finally:
