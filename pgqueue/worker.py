@@ -30,6 +30,7 @@ from typing import Any
 
 import psycopg
 
+from . import processes
 from .app import App
 from .completer import Completer, Outcome
 from .connection import CONNECTION_ERRORS, Backoff, DatabaseUnavailable, WorkerConnection
@@ -208,8 +209,7 @@ class Worker:
             for connection in (self._claimer, self._maintainer, completer_connection):
                 await connection.close()
             self._threads.shutdown(wait=False, cancel_futures=True)
-            if self._processes is not None:
-                self._processes.shutdown(wait=False, cancel_futures=True)
+            self._terminate_processes()
             if signals_installed:
                 for signum in (signal.SIGTERM, signal.SIGINT):
                     self._loop.remove_signal_handler(signum)
@@ -481,9 +481,9 @@ class Worker:
             return self._threads.submit(call)
         for _ in range(2):
             if self._processes is None:
-                self._processes = concurrent.futures.ProcessPoolExecutor(max_workers=self._process_count)
+                self._processes = processes.new_pool(self._process_count)
             try:
-                return self._processes.submit(call)
+                return processes.submit(self._processes, call)
             except concurrent.futures.process.BrokenProcessPool:
                 self._terminate_processes()  # broke while idle: once more with a new pool
         raise concurrent.futures.process.BrokenProcessPool("could not start a process pool")
@@ -642,15 +642,9 @@ class Worker:
 
     def _terminate_processes(self) -> None:
         """Stop the process pool's children; the next CPU-bound job starts a new pool."""
-        pool = self._processes
-        if pool is None:
-            return
-        # ProcessPoolExecutor offers no public way to stop a running call; its child
-        # processes are reachable through this attribute on every CPython since 3.2.
-        for process in list(getattr(pool, "_processes", {}).values()):
-            process.terminate()
-        pool.shutdown(wait=False, cancel_futures=True)
-        self._processes = None
+        pool, self._processes = self._processes, None
+        if pool is not None:
+            processes.kill_children(pool)
 
 
 async def _wait_all_or(tasks: list[asyncio.Task[None]], force: asyncio.Future[Any], timeout: float) -> None:

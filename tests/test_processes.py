@@ -145,13 +145,6 @@ def test_a_killed_workers_job_on_its_last_attempt_is_dead_lettered_by_another_wo
     stop(rescuer)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the process-pool child inherited the worker's asyncio signal handler: terminate() "
-    "neither stops it (a no-op Python handler) nor goes unnoticed (the handler writes SIGTERM to the "
-    "worker's own wake-up descriptor, so the worker believes it was told to stop and stops claiming); "
-    "fixed by the 'trust at the edges' issue",
-)
 def test_a_timed_out_process_pool_child_is_gone_and_the_worker_keeps_claiming(
     dsn: str, sample: App, worker_processes: WorkerProcesses, tmp_path: Path
 ) -> None:

@@ -36,15 +36,6 @@ TASKS: dict[str, Task[..., Any]] = {
     "process": signal_app.process_sleep,
 }
 
-# Forked pool children inherit the worker's asyncio signal handling: a no-op Python
-# handler, and the wake-up descriptor of the worker's own event loop.
-CHILDREN_FORWARD_SIGNALS = pytest.mark.xfail(
-    strict=True,
-    reason="the group's signal also reaches the process-pool children, whose inherited asyncio "
-    "handler ignores it and writes it to the worker's own wake-up descriptor: the worker sees a "
-    "second signal, forces the stop at once and releases every running job without any grace; "
-    "fixed by the 'trust at the edges' issue",
-)
 TWO_CHILDREN = pytest.mark.skipif(
     (os.cpu_count() or 1) < 2, reason="two process-pool jobs at once need a pool of two (two CPUs)"
 )
@@ -124,12 +115,8 @@ def check_grace_period(
         pytest.param("async", signal.SIGTERM, id="async-SIGTERM"),
         pytest.param("async", signal.SIGINT, id="async-SIGINT"),
         pytest.param("thread", signal.SIGTERM, id="thread-SIGTERM"),
-        pytest.param(
-            "process", signal.SIGTERM, id="process-SIGTERM", marks=[CHILDREN_FORWARD_SIGNALS, TWO_CHILDREN]
-        ),
-        pytest.param(
-            "process", signal.SIGINT, id="process-SIGINT", marks=[CHILDREN_FORWARD_SIGNALS, TWO_CHILDREN]
-        ),
+        pytest.param("process", signal.SIGTERM, id="process-SIGTERM", marks=TWO_CHILDREN),
+        pytest.param("process", signal.SIGINT, id="process-SIGINT", marks=TWO_CHILDREN),
     ],
 )
 def test_a_signal_lets_short_jobs_finish_and_releases_a_long_one_after_the_grace_period(
@@ -146,7 +133,6 @@ def test_a_signal_lets_short_jobs_finish_and_releases_a_long_one_after_the_grace
     assert long not in marks(worker_processes, "end")
 
 
-@CHILDREN_FORWARD_SIGNALS
 def test_async_jobs_keep_their_grace_period_beside_an_idle_process_pool(
     dsn: str, sample: App, worker_processes: WorkerProcesses
 ) -> None:
@@ -221,12 +207,6 @@ def test_a_sync_handler_past_the_grace_period_does_not_hold_the_command(
     assert_released(sample, stuck)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the released job's process-pool child inherited the worker's asyncio signal handler, "
-    "so it ignores both the group's SIGTERM and terminate(): the worker's exit waits for the child, "
-    "which finishes the job that was already handed back; fixed by the 'trust at the edges' issue",
-)
 def test_a_job_released_at_shutdown_is_not_finished_later_by_its_process_pool_child(
     dsn: str, sample: App, worker_processes: WorkerProcesses
 ) -> None:
@@ -243,12 +223,6 @@ def test_a_job_released_at_shutdown_is_not_finished_later_by_its_process_pool_ch
     assert_released(sample, long)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="nothing ties a process-pool child's life to its worker's: when the worker alone is "
-    "killed with -9, the orphaned child finishes the job (which the lease rescue then runs a second "
-    "time) and stays alive afterwards, waiting for work forever; fixed by the 'trust at the edges' issue",
-)
 def test_a_process_pool_job_of_a_worker_killed_alone_is_not_finished_by_its_orphaned_child(
     dsn: str, sample: App, worker_processes: WorkerProcesses
 ) -> None:
