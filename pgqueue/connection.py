@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
+import socket
 from typing import Any
 
 import psycopg
@@ -110,14 +112,22 @@ class WorkerConnection:
             finally:
                 if not call.done():
                     # Cancelling psycopg mid-query makes it send a cancel request and wait
-                    # for the query to end: up to 10 s more over a dead link. End the
-                    # session first, so psycopg has no running query left to cancel.
-                    connection.pgconn.finish()
-                    call.cancel()
-                    await asyncio.wait({call})
+                    # for the query to end: up to 10 s more over a dead link. Shutting the
+                    # socket down instead makes the pending read fail at once; the
+                    # descriptor itself stays open (so no new connection can reuse its
+                    # number under psycopg's reader) until `discard` closes the connection.
+                    if _shut_down(connection):
+                        await asyncio.wait({call}, timeout=1.0)
+                    if not call.done():
+                        # no socket to shut down, or psycopg did not notice: end the
+                        # session, so its cancellation has no running query to wait for
+                        connection.pgconn.finish()
+                        call.cancel()
+                        await asyncio.wait({call})
+                    if not call.cancelled():
+                        # retrieved: what failed is the timeout (or our own cancellation)
+                        call.exception()
             if call not in done:
-                if not call.cancelled():
-                    call.exception()  # retrieved: the timeout is what failed
                 raise TimeoutError(f"no reply within {self.timeout:g}s")
             return call.result()
         except _ANY_DATABASE_ERROR as error:
@@ -139,6 +149,17 @@ class WorkerConnection:
 
     async def close(self) -> None:
         await self.discard()
+
+
+def _shut_down(connection: psycopg.AsyncConnection[Any]) -> bool:
+    """Shut down both directions of the connection's socket; False if it has none."""
+    try:
+        duplicate = socket.socket(fileno=os.dup(connection.pgconn.socket))
+    except (OSError, psycopg.Error):
+        return False
+    with duplicate, contextlib.suppress(OSError):
+        duplicate.shutdown(socket.SHUT_RDWR)
+    return True
 
 
 async def _execute(

@@ -103,6 +103,8 @@ def schema_required() -> Iterator[None]:
     try:
         yield
     except _MISSING_SCHEMA as error:
+        if "pgqueue" not in str(error):
+            raise  # a missing object of someone else's (or a wrong argument type): not ours to explain
         raise SchemaNotMigratedError(
             f"the pgqueue schema is missing or out of date in this database ({str(error).splitlines()[0]}): "
             "run `pgqueue migrate` (or pgqueue.migrate(conn))"

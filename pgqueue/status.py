@@ -38,14 +38,14 @@ def dead_letter(connection: psycopg.Connection[Any], limit: int = 20) -> list[tu
 
 
 def retry_dead_letter(connection: psycopg.Connection[Any], batch: int = 1000) -> int:
-    """Requeue every dead-lettered job, `batch` at a time; how many were requeued.
+    """Requeue every job that is dead-lettered now, `batch` at a time; how many were requeued.
 
     `connection` should be in autocommit mode, so each batch commits on its own.
     """
-    total = 0
+    total, after = 0, 0
     while True:
-        row = connection.execute(query("retry_dead_batch"), {"limit": batch}).fetchone()
-        requeued = int(row[0]) if row else 0
-        if requeued == 0:
+        row = connection.execute(query("retry_dead_batch"), {"limit": batch, "after": after}).fetchone()
+        if row is None or row[1] is None:
             return total
-        total += requeued
+        total += int(row[0])
+        after = int(row[1])

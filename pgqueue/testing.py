@@ -55,15 +55,20 @@ def create_migrated_database(server_dsn: str, prefix: str = "pgqueue_template") 
 
 @contextlib.contextmanager
 def running_worker(
-    app: App, *, start_timeout: float = 30.0, stop_timeout: float = 60.0, **options: Any
+    app: App,
+    *,
+    start_timeout: float = 30.0,
+    stop_timeout: float = 60.0,
+    force_timeout: float = 30.0,
+    **options: Any,
 ) -> Iterator[Worker]:
     """Run a Worker in a background thread for the duration of the block, then stop it.
 
     Fails loudly instead of leaking a thread into whatever runs next: AssertionError
     when the worker has not started within `start_timeout` seconds (it is stopped
     first), or has not stopped within `stop_timeout` seconds after the block (it is
-    then forced, and given as long again). An exception the worker itself raised is
-    re-raised here.
+    then forced, and given `force_timeout` seconds more). An exception the worker
+    itself raised is re-raised here.
     """
     worker = Worker(app, install_signal_handlers=False, **options)
     failure: list[BaseException] = []
@@ -83,7 +88,7 @@ def running_worker(
         thread.join(timeout)
         if thread.is_alive():
             worker.stop(force=True)
-            thread.join(timeout)
+            thread.join(force_timeout)
             if thread.is_alive():
                 raise AssertionError(f"worker {worker.worker_id} ignored a forced stop: its thread leaks")
             raise AssertionError(f"worker {worker.worker_id} did not stop within {timeout:g}s")

@@ -94,14 +94,16 @@ order by finished_at desc nulls last, id desc
 limit %(limit)s
 
 -- name: retry_dead_batch
--- Redrive up to %(limit)s dead jobs, oldest first; the caller repeats until none is left,
--- so a large dead letter is requeued in short transactions.
+-- Redrive the next %(limit)s dead jobs after id %(after)s; returns how many were requeued
+-- and the last id looked at. The caller pages on by id, so each job is looked at once
+-- even when a running worker sends a requeued job straight back to the dead letter.
 with batch as materialized (
     -- locked first, then redriven: a function in the locking query's own select list
     -- would update rows before they are locked, and the lock would then skip them
-    select id from pgqueue.jobs where state = 'dead'
+    select id from pgqueue.jobs
+    where state = 'dead' and id > %(after)s
     order by id
     limit %(limit)s
     for update skip locked
 )
-select count(*) filter (where pgqueue.retry_job(id)) from batch
+select count(*) filter (where pgqueue.retry_job(id)), max(id) from batch

@@ -13,9 +13,9 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
@@ -129,6 +129,23 @@ def app(settings: Settings) -> Iterator[App]:
 
 
 @pytest.fixture
+def new_app(dsn: str) -> Iterator[Callable[..., App]]:
+    """Builds Apps on this test's database with the given settings; closes them all afterwards."""
+    apps: list[App] = []
+
+    def build(**settings: Any) -> App:
+        app = App(Settings(dsn=dsn, **settings))
+        apps.append(app)
+        return app
+
+    try:
+        yield build
+    finally:
+        for app in apps:
+            app.close()
+
+
+@pytest.fixture
 def connection(dsn: str) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         yield conn
@@ -165,4 +182,5 @@ def pgqueue_command(*arguments: str) -> list[str]:
 def subprocess_environment(**extra: str) -> dict[str, str]:
     """The environment of a test's subprocess: this one (PGQUEUE_* already cleared), with
     the checkout importable (subprocesses run in the test's temporary directory)."""
-    return {**os.environ, "PYTHONPATH": str(REPOSITORY), **extra}
+    path = os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}

@@ -36,11 +36,14 @@ class WorkerProcess:
 
     def wait_for_output(self, text: str, count: int = 1, timeout: float = 60.0) -> None:
         """Wait until `text` has appeared `count` times in the worker's output."""
-        wait_for(
-            lambda: self.output().count(text) >= count or self.process.poll() is not None,
-            timeout=timeout,
-            what=f"{text!r} {count} time(s) in the worker's output",
-        )
+        try:
+            wait_for(
+                lambda: self.output().count(text) >= count or self.process.poll() is not None,
+                timeout=timeout,
+                what=f"{text!r} {count} time(s) in the worker's output",
+            )
+        except AssertionError as error:
+            raise AssertionError(f"{error}; the worker's output:\n{self.output()}") from None
         if self.output().count(text) < count:
             raise AssertionError(
                 f"worker exited ({self.process.returncode}) before printing {text!r}:\n{self.output()}"
@@ -154,3 +157,25 @@ def backends(dsn: str, application_name: str) -> list[tuple[int, str, str]]:
             (application_name,),
         ).fetchall()
     return [(int(pid), str(state), str(query)) for pid, state, query in rows]
+
+
+def listening(dsn: str) -> list[int]:
+    """Pids of the worker's LISTEN sessions that have run their LISTEN (not merely connected)."""
+    return [
+        pid
+        for pid, state, query in backends(dsn, "pgqueue-listen")
+        # after `listen pgqueue_jobs`, the only statement the session runs is its probe
+        if state == "idle" and query in ("listen pgqueue_jobs", "select 1")
+    ]
+
+
+def claim_session_quiet(dsn: str, seconds: float) -> bool:
+    """True when the worker's one claim session has run no statement for `seconds`."""
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        sessions = connection.execute(
+            "select state, clock_timestamp() - state_change > make_interval(secs => %s)"
+            " from pg_stat_activity"
+            " where datname = current_database() and application_name = 'pgqueue-claim'",
+            (seconds,),
+        ).fetchall()
+    return len(sessions) == 1 and sessions[0] == ("idle", True)

@@ -80,14 +80,15 @@ def test_migrate_enqueue_status_job_cancel_and_retry(empty_dsn: str) -> None:
 
 
 def kill_jobs(connection: psycopg.Connection[Any], count: int) -> None:
-    """`count` dead-lettered jobs, and one succeeded job that must stay as it is."""
+    """`count` dead-lettered jobs, and one cancelled job that must stay as it is (`retry_job`
+    would requeue it: only the dead letter is redriven)."""
     connection.execute("select pgqueue.enqueue('broken.task') from generate_series(1, %s)", (count,))
     connection.execute(
         "update pgqueue.jobs set state = 'dead', attempt = 3, finished_at = now(),"
         ' errors = \'[{"error": "ValueError: nope"}]\''
     )
     connection.execute("select pgqueue.enqueue('fine.task')")
-    connection.execute("update pgqueue.jobs set state = 'succeeded' where task = 'fine.task'")
+    connection.execute("update pgqueue.jobs set state = 'cancelled' where task = 'fine.task'")
 
 
 def test_dead_letter_listing_and_redrive_of_more_than_one_page(
@@ -104,7 +105,7 @@ def test_dead_letter_listing_and_redrive_of_more_than_one_page(
     states = connection.execute(
         "select task, state::text, attempt, count(*) from pgqueue.jobs group by 1, 2, 3 order by 1"
     ).fetchall()
-    assert states == [("broken.task", "queued", 0, 45), ("fine.task", "succeeded", 0, 1)]
+    assert states == [("broken.task", "queued", 0, 45), ("fine.task", "cancelled", 0, 1)]
     assert "empty" in pgqueue("--dsn", dsn, "dead").stdout
 
 

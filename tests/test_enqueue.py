@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,9 +22,20 @@ from pgqueue import (
     UnknownTaskError,
 )
 
+_apps: list[App] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_apps() -> Iterator[None]:
+    """Every app a test made with `make_app` is closed after it, whatever happened."""
+    yield
+    while _apps:
+        _apps.pop().close()
+
 
 def make_app(settings: Any) -> tuple[App, Any]:
     app = App(settings)
+    _apps.append(app)
 
     @app.task(name="emails.send_welcome", queue="emails", max_attempts=5, timeout=30)
     async def send_welcome(user_id: int) -> dict[str, int]:

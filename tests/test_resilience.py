@@ -35,7 +35,7 @@ import pytest
 from pgqueue import App, Job, Settings, migrate
 from pgqueue.testing import job_states
 from tests import resilience_app
-from tests.processes import WorkerProcess, WorkerProcesses, backends
+from tests.processes import WorkerProcess, WorkerProcesses, backends, claim_session_quiet, listening
 from tests.resilience_app import gate_path
 
 pytestmark = pytest.mark.slow
@@ -74,6 +74,13 @@ class OwnCluster:
         self.bindir = bindir
         self.user: str | None = None
         self.directory = Path(tempfile.mkdtemp(prefix="pgqueue-cluster-"))
+        try:
+            self._create()
+        except BaseException:  # a skip or a failed initdb: leave no directory behind
+            shutil.rmtree(self.directory, ignore_errors=True)
+            raise
+
+    def _create(self) -> None:
         if os.geteuid() == 0:  # the server refuses to run as root
             for candidate in ("postgres", "embedded_postgres"):
                 try:
@@ -146,6 +153,8 @@ class SeverableProxy:
 
     def close(self) -> None:
         self.closing = True
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() below; close() alone does not
         self.listener.close()
         # Links the cut left dead would otherwise hold server connections open (those that
         # never got their startup packet through wait out authentication_timeout).
@@ -398,28 +407,6 @@ def test_a_call_over_a_dead_link_gives_up_after_the_statement_timeout(
     job_id = resilience_app.gated.enqueue(None, gates=open_gates(tmp_path / "gates"))
     wait_for_success(dsn, [job_id], worker)
     stop_cleanly(worker)
-
-
-def listening(dsn: str) -> list[int]:
-    """Pids of the worker's LISTEN sessions that have run their LISTEN (not merely connected)."""
-    return [
-        pid
-        for pid, state, query in backends(dsn, "pgqueue-listen")
-        # after `listen pgqueue_jobs`, the only statement the session runs is its probe
-        if state == "idle" and query in ("listen pgqueue_jobs", "select 1")
-    ]
-
-
-def claim_session_quiet(dsn: str, seconds: float) -> bool:
-    """True when the worker's one claim session has run no statement for `seconds`."""
-    with psycopg.connect(dsn, autocommit=True) as connection:
-        sessions = connection.execute(
-            "select state, clock_timestamp() - state_change > make_interval(secs => %s)"
-            " from pg_stat_activity"
-            " where datname = current_database() and application_name = 'pgqueue-claim'",
-            (seconds,),
-        ).fetchall()
-    return len(sessions) == 1 and sessions[0] == ("idle", True)
 
 
 def test_listen_comes_back_after_a_database_restart_and_notify_wakes_the_worker(

@@ -115,6 +115,7 @@ def check_grace_period(
         pytest.param("async", signal.SIGTERM, id="async-SIGTERM"),
         pytest.param("async", signal.SIGINT, id="async-SIGINT"),
         pytest.param("thread", signal.SIGTERM, id="thread-SIGTERM"),
+        pytest.param("thread", signal.SIGINT, id="thread-SIGINT"),
         pytest.param("process", signal.SIGTERM, id="process-SIGTERM", marks=TWO_CHILDREN),
         pytest.param("process", signal.SIGINT, id="process-SIGINT", marks=TWO_CHILDREN),
     ],
@@ -162,6 +163,9 @@ def test_sigterm_stops_claiming_although_slots_are_free(
     assert [sample.get_job(job_id).state for job_id in running] == ["succeeded", "succeeded"]
     late_jobs = [sample.get_job(job_id) for job_id in late]
     assert [(job.state, job.attempt, job.worker) for job in late_jobs] == [("queued", 0, None)] * 3
+    # never claimed at all (a claim handed back at exit would leave a `released` error
+    # and move run_at to the moment of the release)
+    assert [(job.errors, job.run_at) for job in late_jobs] == [([], job.created_at) for job in late_jobs]
     assert not set(late) & set(marks(worker_processes, "start")), "a job enqueued after SIGTERM ran"
     # the late jobs were there while the worker still ran its two jobs: it could have claimed them
     with psycopg.connect(dsn) as connection:

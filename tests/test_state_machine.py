@@ -246,10 +246,11 @@ def test_redrive_of_the_whole_dead_letter_goes_in_batches(connection: psycopg.Co
     connection.execute("select pgqueue.enqueue('broken.task') from generate_series(1, 23)")
     connection.execute("select pgqueue.enqueue('fine.task')")
     connection.execute("update pgqueue.jobs set state = 'dead', attempt = 3 where task = 'broken.task'")
+    # retry_job would requeue a cancelled job too: only the dead letter may be redriven
+    connection.execute("update pgqueue.jobs set state = 'cancelled' where task = 'fine.task'")
     assert retry_dead_letter(connection, batch=5) == 23
     row = connection.execute("select count(*) from pgqueue.jobs where state = 'dead'").fetchone()
     assert row == (0,)
     assert retry_dead_letter(connection, batch=5) == 0
-    assert connection.execute("select state::text from pgqueue.jobs where task = 'fine.task'").fetchone() == (
-        "queued",
-    )
+    untouched = connection.execute("select state::text from pgqueue.jobs where task = 'fine.task'").fetchone()
+    assert untouched == ("cancelled",)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -14,7 +15,7 @@ import pytest
 
 from pgqueue import App, Fail, JobState, Retry, RetryPolicy, Settings, current_job
 from pgqueue.testing import running_worker, wait_for, wait_for_states
-from tests.processes import process_gone
+from tests.processes import claim_session_quiet, listening, process_gone
 
 
 def listeners(dsn: str) -> int:
@@ -25,16 +26,6 @@ def listeners(dsn: str) -> int:
             " and (application_name = 'pgqueue-listen' or query ilike 'listen%')"
         ).fetchone()
     return int(row[0]) if row else 0
-
-
-def claimer_idle(dsn: str) -> bool:
-    """The worker's claim connection is idle after a claim (waiting for a wake-up)."""
-    with psycopg.connect(dsn, autocommit=True) as connection:
-        row = connection.execute(
-            "select state from pg_stat_activity where datname = current_database()"
-            " and application_name = 'pgqueue-claim'"
-        ).fetchone()
-    return row is not None and row[0] == "idle"
 
 
 def failed_claims(caplog: pytest.LogCaptureFixture) -> int:
@@ -224,22 +215,25 @@ def test_priority_order_and_queue_selection(app: App, dsn: str) -> None:
     assert app.get_job(other).state is JobState.QUEUED  # not a queue this worker serves
 
 
+@pytest.mark.slow
 def test_delayed_job_waits_for_its_time(app: App, dsn: str) -> None:
     @app.task(name="later")
     async def later() -> None: ...
 
-    job_id = later.options(delay=0.5).enqueue(None)
-    soon = later.enqueue(None)
     with running_worker(app):
+        # both enqueued while the worker runs: one it may take at once, one it must hold back
+        job_id = later.options(delay=1.5).enqueue(None)
+        soon = later.enqueue(None)
         wait_for_states(dsn, [job_id, soon], ["succeeded"])
     job, first = app.get_job(job_id), app.get_job(soon)
-    assert (job.run_at - job.created_at).total_seconds() == pytest.approx(0.5, abs=0.01)
+    assert (job.run_at - job.created_at).total_seconds() == pytest.approx(1.5, abs=0.01)
     assert job.started_at is not None and job.started_at >= job.run_at
-    assert first.started_at is not None and first.started_at < job.run_at  # the worker was running
+    # the worker was there before the due time: the delay, not a late start, held the job
+    assert first.started_at is not None and first.started_at < job.run_at
 
 
 def test_idle_worker_wakes_on_notify_without_waiting_for_a_poll(dsn: str) -> None:
-    # polling every 60 s: only NOTIFY can start the job within the test's timeout
+    # polling every 600 s: only NOTIFY can start the job within the test's timeout
     app = App(Settings(dsn=dsn, poll_interval=600))
     started: list[int] = []
 
@@ -249,11 +243,12 @@ def test_idle_worker_wakes_on_notify_without_waiting_for_a_poll(dsn: str) -> Non
 
     try:
         with running_worker(app):
-            wait_for(lambda: listeners(dsn) == 1, what="the worker's LISTEN connection")
-            # the listener wakes the claim loop once when it connects: let that pass first
+            wait_for(lambda: len(listening(dsn)) == 1, what="the worker to LISTEN")
+            # the listener wakes the claim loop once when it connects: let that pass first,
+            # until the claim loop has used up every wake-up and sleeps on its 600 s poll
             wake.enqueue(None, n=1)
             wait_for(lambda: started == [1], timeout=30, what="the first job")
-            wait_for(lambda: claimer_idle(dsn), what="the claim connection to go idle")
+            wait_for(lambda: claim_session_quiet(dsn, 1.0), what="a quiet claim session")
             wake.enqueue(None, n=2)
             wait_for(lambda: started == [1, 2], timeout=30, what="a NOTIFY to wake the idle worker")
     finally:
@@ -291,8 +286,8 @@ def test_graceful_shutdown_finishes_running_jobs(app: App, dsn: str) -> None:
     assert {app.get_job(job_id).state for job_id in ids} == {JobState.SUCCEEDED}
 
 
-def test_shutdown_releases_jobs_that_overrun_the_grace_period(dsn: str) -> None:
-    app = App(Settings(dsn=dsn, shutdown_grace=0.3))
+def test_shutdown_releases_jobs_that_overrun_the_grace_period(new_app: Callable[..., App]) -> None:
+    app = new_app(shutdown_grace=0.3)
     started = threading.Event()
     stopped: list[str] = []
 
@@ -313,7 +308,6 @@ def test_shutdown_releases_jobs_that_overrun_the_grace_period(dsn: str) -> None:
     # handed back, not failed: the attempt does not count, the note says why
     assert job.state is JobState.QUEUED and job.attempt == 0 and job.worker is None
     assert job.errors[-1]["kind"] == "released"
-    app.close()
 
 
 def test_worker_refuses_an_unmigrated_database(empty_dsn: str) -> None:
@@ -413,8 +407,10 @@ def test_handler_raising_system_exit_fails_its_attempt_not_the_worker(app: App, 
 
 
 @pytest.mark.slow
-def test_sync_timeouts_count_running_time_not_time_spent_waiting_for_a_thread(dsn: str) -> None:
-    app = App(Settings(dsn=dsn, poll_interval=0.1))
+def test_sync_timeouts_count_running_time_not_time_spent_waiting_for_a_thread(
+    dsn: str, new_app: Callable[..., App]
+) -> None:
+    app = new_app(poll_interval=0.1)
     starts: list[int] = []
 
     @app.task(name="stuck", timeout=0.3, max_attempts=2, retry=RetryPolicy.fixed(0))
@@ -429,7 +425,6 @@ def test_sync_timeouts_count_running_time_not_time_spent_waiting_for_a_thread(ds
     # every attempt that was charged really ran: none timed out while queued for a thread
     assert sum(job.attempt for job in jobs) == len(starts) == 4
     assert all(error["kind"] == "timeout" for job in jobs for error in job.errors)
-    app.close()
 
 
 @pytest.mark.slow
