@@ -13,6 +13,15 @@ from .errors import (
     SchemaTooNewError,
     UnknownTaskError,
 )
+from .hooks import (
+    Hooks,
+    JobFinished,
+    JobRescued,
+    JobStarted,
+    OutcomesFlushed,
+    WorkerStarted,
+    WorkerStopped,
+)
 from .migrate import check_schema, check_schema_async, migrate, migrate_async
 from .models import Job, JobOptions, JobState, Priority, RetryPolicy
 from .outcomes import Fail, Retry
@@ -24,13 +33,18 @@ __all__ = [
     "App",
     "ConfigurationError",
     "Fail",
+    "Hooks",
     "InvalidJobError",
     "Job",
     "JobContext",
+    "JobFinished",
     "JobNotFoundError",
     "JobOptions",
+    "JobRescued",
+    "JobStarted",
     "JobState",
     "MigrationChecksumError",
+    "OutcomesFlushed",
     "PgQueueError",
     "Priority",
     "Retry",
@@ -42,6 +56,8 @@ __all__ = [
     "Task",
     "UnknownTaskError",
     "Worker",
+    "WorkerStarted",
+    "WorkerStopped",
     "check_schema",
     "check_schema_async",
     "current_job",

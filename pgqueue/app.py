@@ -14,6 +14,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from . import producer
 from .database import resolve_dsn
 from .errors import ConfigurationError, JobNotFoundError, UnknownTaskError
+from .hooks import Hooks
 from .migrate import migrate, migrate_async, schema_required
 from .models import Job, JobOptions, RetryPolicy, validate_options, validate_task_name
 from .plans import Plan, drive, drive_async
@@ -41,6 +42,7 @@ class App:
         if dsn is not None:
             self.settings = self.settings.model_copy(update={"dsn": dsn})
         self.tasks: dict[str, Task[..., Any]] = {}
+        self.hooks = Hooks()  # what its workers tell: see pgqueue.hooks
         self._dsn: str | None = None
         self._pool: ConnectionPool | None = None
         self._async_pool: AsyncConnectionPool | None = None

@@ -11,30 +11,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import psycopg
 
 from .connection import Backoff, DatabaseUnavailable, WorkerConnection, is_data_error
+from .outcomes import Outcome
 from .sql import query
 
 log = logging.getLogger("pgqueue")
-
-OutcomeKind = Literal["succeeded", "failed", "retry", "fatal", "released"]
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How one attempt ended."""
-
-    job_id: int
-    attempt: int
-    kind: OutcomeKind
-    result_json: str | None = None
-    error: dict[str, Any] | None = None
-    retry_in: float | None = None
 
 
 class Completer:
@@ -45,7 +32,7 @@ class Completer:
         connection: WorkerConnection,
         worker_id: str,
         reconnect_max_delay: float,
-        on_recorded: Callable[[list[Outcome], list[tuple[Any, ...]]], None] | None = None,
+        on_recorded: Callable[[list[Outcome], list[tuple[Any, ...]], float], None] | None = None,
     ) -> None:
         self._connection = connection
         self._worker_id = worker_id
@@ -81,6 +68,7 @@ class Completer:
         try:
             while self._pending and not self.abandon:
                 self._in_flight, self._pending = self._pending, []
+                started = time.monotonic()
                 while not self.abandon:
                     try:
                         rows = await self._connection.fetch(
@@ -122,7 +110,7 @@ class Completer:
                     if backoff.failures:
                         log.info("database reachable again: recorded %d job outcome(s)", len(rows))
                     backoff.reset()
-                    self._report(self._in_flight, rows)
+                    self._report(self._in_flight, rows, time.monotonic() - started)
                     break
                 self._in_flight = []
         except asyncio.CancelledError:
@@ -176,7 +164,7 @@ class Completer:
             "now": None,
         }
 
-    def _report(self, batch: list[Outcome], rows: list[tuple[Any, ...]]) -> None:
+    def _report(self, batch: list[Outcome], rows: list[tuple[Any, ...]], seconds: float) -> None:
         if len(rows) != len(batch):
             recorded = {row[0] for row in rows}
             for outcome in batch:
@@ -189,4 +177,4 @@ class Completer:
                         outcome.attempt,
                     )
         if self._on_recorded is not None:
-            self._on_recorded(batch, rows)
+            self._on_recorded(batch, rows, seconds)

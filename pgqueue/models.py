@@ -11,7 +11,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import InvalidJobError
-from .outcomes import MAX_DELAY_SECONDS
+
+# Ten years: any longer delay is a bug, and Postgres timestamps overflow past 294276 AD.
+MAX_DELAY_SECONDS = 315_360_000
 
 # used with fullmatch: "$" alone would let a trailing newline through
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
@@ -196,3 +198,19 @@ class Job:
         values = list(row)
         values[5] = JobState(values[5])
         return cls(*values)
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A job a worker holds the lease of, as its claim returned it."""
+
+    id: int
+    task: str
+    args: dict[str, Any]
+    queue: str
+    priority: int
+    attempt: int
+    max_attempts: int
+    timeout_seconds: float | None
+    run_at: datetime
+    created_at: datetime

@@ -1,13 +1,25 @@
-"""Exceptions a handler raises to steer its job: retry later, or fail for good."""
+"""How an attempt ends: the exceptions a handler raises to steer its job, and the outcome
+the worker records for a handler's return value or exception."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, Literal
 
 from .errors import InvalidJobError
+from .models import MAX_DELAY_SECONDS, ClaimedJob
+from .payloads import encode_json
 
-# Ten years: any longer delay is a bug, and Postgres timestamps overflow past 294276 AD.
-MAX_DELAY_SECONDS = 315_360_000
+log = logging.getLogger("pgqueue")
+
+OutcomeKind = Literal["succeeded", "failed", "retry", "fatal", "released"]
+# A result is read back by whoever asks for it; beyond this it belongs in a table of its own.
+MAX_RESULT_BYTES = 10_000_000
 
 
 class Retry(Exception):
@@ -36,3 +48,104 @@ class Retry(Exception):
 
 class Fail(Exception):
     """Raise in a handler to fail the job permanently: no more retries, straight to the dead letter."""
+
+
+class TimedOut(Exception):
+    """The handler outran its timeout and was stopped (or, for a thread, abandoned)."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one attempt ended, as `pgqueue.complete_jobs` records it."""
+
+    job_id: int
+    attempt: int
+    kind: OutcomeKind
+    result_json: str | None = None
+    error: dict[str, Any] | None = None
+    retry_in: float | None = None
+
+
+async def outcome_of(
+    job: ClaimedJob, call: Callable[[], Awaitable[Any]], releasing: Callable[[], bool]
+) -> Outcome:
+    """Run `call` (the handler, with its timeout) and turn what it returns or raises into an Outcome.
+
+    `releasing()` tells whether the worker is handing running jobs back at shutdown,
+    which is the one cancellation that is not the attempt's fault.
+    """
+    timeout = job.timeout_seconds
+    try:
+        result = await call()
+    except Retry as request:
+        return failure(job, "retry", "retry", f"Retry: {request.reason}", retry_in=request.delay)
+    except Fail as error:
+        return failure(job, "fatal", "fail", describe(error), traceback.format_exc())
+    except TimedOut:
+        return failure(
+            job,
+            "failed",
+            "timeout",
+            f"TimeoutError: job ran longer than its timeout of {timeout:g}s and was stopped",
+        )
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling() == 0 and not releasing():
+            # the handler's own await was cancelled (not this job): a failed attempt
+            return failure(job, "failed", "exception", "CancelledError", traceback.format_exc())
+        if releasing():
+            return Outcome(
+                job.id,
+                job.attempt,
+                "released",
+                error={
+                    "kind": "released",
+                    "error": "worker shut down before the job finished; requeued",
+                    "traceback": None,
+                },
+            )
+        raise
+    except BaseException as error:
+        # SystemExit or KeyboardInterrupt from a handler fails its attempt, not the worker
+        return failure(job, "failed", "exception", describe(error), traceback.format_exc())
+    try:
+        result_json = encode_json(result, MAX_RESULT_BYTES)
+    except (TypeError, ValueError) as error:
+        return failure(
+            job,
+            "fatal",
+            "bad_result",
+            f"InvalidResultError: the handler's return value cannot be stored: {error}",
+        )
+    return Outcome(job.id, job.attempt, "succeeded", result_json=result_json)
+
+
+def failure(
+    job: ClaimedJob,
+    kind: OutcomeKind,
+    error_kind: str,
+    message: str,
+    trace: str | None = None,
+    retry_in: float | None = None,
+) -> Outcome:
+    """A failed attempt of `job`, logged (but for a requested retry)."""
+    if kind != "retry":
+        log.warning(
+            "job %d %s attempt %d/%d failed: %s", job.id, job.task, job.attempt, job.max_attempts, message
+        )
+    # jsonb cannot hold U+0000, which an exception message may well contain
+    message = message.replace("\x00", "\\x00")
+    trace = trace.replace("\x00", "\\x00") if trace else trace
+    return Outcome(
+        job.id,
+        job.attempt,
+        kind,
+        error={"kind": error_kind, "error": message, "traceback": trace},
+        retry_in=retry_in,
+    )
+
+
+def describe(error: BaseException) -> str:
+    """`Type: message`, or just `Type` when the message is empty."""
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -13,18 +11,13 @@ import psycopg
 
 from .errors import InvalidJobError
 from .models import JobOptions, validate_task_name
+from .payloads import UnstorableJson, encode_json
 from .plans import Plan, atomic, atomic_async, drive, drive_async
 from .sql import query
 
 # Payloads larger than this are refused at the edge: a job row is read on every claim,
 # and big blobs belong in a table of their own with the job carrying the key.
 MAX_ARGS_BYTES = 1_000_000
-# jsonb cannot store U+0000; json.dumps writes it as \u0000 (an escaped backslash before
-# "u0000" is an ordinary string and allowed)
-# One encoder for all: json.dumps with options builds a new encoder on every call,
-# which was half the cost of preparing a job for bulk enqueue.
-JSON_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
-JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 @dataclass(frozen=True)
@@ -56,19 +49,11 @@ class PreparedJob:
 def encode_args(task: str, args: dict[str, Any]) -> str:
     """Serialise a job's arguments, or say exactly why they cannot be stored."""
     try:
-        text = JSON_ENCODER.encode(args)
+        return encode_json(args, MAX_ARGS_BYTES)
+    except UnstorableJson as error:
+        raise InvalidJobError(f"arguments of task {task!r} cannot be stored: {error}") from None
     except (TypeError, ValueError) as error:
         raise InvalidJobError(f"arguments of task {task!r} must be JSON-serialisable: {error}") from None
-    if "\\u0000" in text and JSON_NUL.search(text):
-        raise InvalidJobError(
-            f"arguments of task {task!r} contain a NUL character (\\u0000), which jsonb cannot store"
-        )
-    if len(text) > MAX_ARGS_BYTES:
-        raise InvalidJobError(
-            f"arguments of task {task!r} are {len(text)} bytes of JSON; the limit is "
-            f"{MAX_ARGS_BYTES}: store large data elsewhere and pass its key"
-        )
-    return text
 
 
 def prepare(task: str, args: dict[str, Any], options: JobOptions) -> PreparedJob:

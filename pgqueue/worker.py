@@ -1,70 +1,49 @@
-"""The worker: wake, claim a batch sized to free slots, run, record outcomes in batches.
+"""The worker's lifecycle and claim loop: wake, claim a batch sized to free slots, hand it on.
 
-One asyncio loop per process. Async handlers run on the loop, sync ones in a thread
-pool, CPU-bound ones in a process pool. Four connections, one per role: claim,
-complete (group commit), maintenance (heartbeat and rescue), and LISTEN. Every one
-of them reconnects with backoff for as long as the worker lives: a database restart
-or a network cut pauses the worker, it never ends it.
+One asyncio loop per process. Each concern has a room of its own: `executors` runs
+handlers (async, thread, process) with their timeouts; `outcomes` turns what a
+handler returned or raised into what is recorded; `completer` records outcomes by
+group commit; `listener` wakes the loop on NOTIFY; `leases` heartbeats; and
+`maintenance` runs the once-per-database duties under a leader. `hooks` tells
+whoever listens. Every connection reconnects with backoff for as long as the worker
+lives: a database restart or a network cut pauses the worker, it never ends it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import concurrent.futures.process
 import contextlib
-import contextvars
-import functools
 import logging
 import os
 import signal
 import socket
 import threading
 import time
-import traceback
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 
-from . import processes
 from .app import App
-from .completer import Completer, Outcome
+from .completer import Completer
 from .connection import CONNECTION_ERRORS, Backoff, DatabaseUnavailable, WorkerConnection
 from .context import JobContext, _current
 from .errors import ConfigurationError, SchemaError
+from .executors import Executors
+from .hooks import JobFinished, JobStarted, OutcomesFlushed, WorkerStarted, WorkerStopped
+from .leases import Heartbeat
+from .listener import Listener
+from .maintenance import Maintenance
 from .migrate import check_schema_async
-from .models import NAME_PATTERN
-from .outcomes import Fail, Retry
-from .producer import JSON_ENCODER, JSON_NUL
+from .models import NAME_PATTERN, ClaimedJob
+from .outcomes import Outcome, describe, failure, outcome_of
 from .settings import Settings
 from .sql import query
-from .tasks import Task, run_in_process
 
 log = logging.getLogger("pgqueue")
 
-CHANNEL = "pgqueue_jobs"
-# A result is read back by whoever asks for it; beyond this it belongs in a table of its own.
-MAX_RESULT_BYTES = 10_000_000
-
-
-@dataclass(frozen=True)
-class ClaimedJob:
-    """A job this worker holds the lease of."""
-
-    id: int
-    task: str
-    args: dict[str, Any]
-    queue: str
-    priority: int
-    attempt: int
-    max_attempts: int
-    timeout_seconds: float | None
-    run_at: datetime
-    created_at: datetime
+__all__ = ["ClaimedJob", "Worker"]
 
 
 class Worker:
@@ -102,13 +81,10 @@ class Worker:
         self.install_signal_handlers = install_signal_handlers
         self.jobs_done = 0
         self._running: dict[tuple[int, int], asyncio.Task[None]] = {}
-        self._lingering = 0  # executor threads still busy with timed-out jobs
         self._claim_uncertain = False  # a claim's reply was lost: some jobs may be ours unknowingly
         self._stopping = False
         self._forced = False
         self._releasing = False
-        self._threads: concurrent.futures.ThreadPoolExecutor | None = None
-        self._processes: concurrent.futures.ProcessPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._stop_event: asyncio.Event | None = None
@@ -163,26 +139,14 @@ class Worker:
         if self._stopping:
             self._stop_event.set()
         signals_installed = self._install_signals()
+        settings = self.settings
         dsn = self.app.dsn
-        timeout = self.settings.statement_timeout
-        self._claimer = WorkerConnection(dsn, "claim", timeout)
-        # a heartbeat stuck for longer than a third of the lease would let the leases lapse
-        self._maintainer = WorkerConnection(
-            dsn, "maintenance", min(timeout, max(1.0, self.settings.lease_seconds / 3))
-        )
-        completer_connection = WorkerConnection(dsn, "complete", timeout)
+        self._claimer = WorkerConnection(dsn, "claim", settings.statement_timeout)
+        completer_connection = WorkerConnection(dsn, "complete", settings.statement_timeout)
         self._completer = Completer(
-            completer_connection,
-            self.worker_id,
-            self.settings.reconnect_max_delay,
-            on_recorded=self._recorded,
+            completer_connection, self.worker_id, settings.reconnect_max_delay, on_recorded=self._recorded
         )
-        self._threads = concurrent.futures.ThreadPoolExecutor(
-            max_workers=self.concurrency, thread_name_prefix="pgqueue-job"
-        )
-        self._thread_gate = asyncio.Semaphore(self.concurrency)
-        self._process_count = min(self.concurrency, os.cpu_count() or 1)
-        self._process_gate = asyncio.Semaphore(self._process_count)
+        self._executors = Executors(self.concurrency, on_slot_freed=self._slot_freed.set)
         background: list[asyncio.Task[None]] = []
         try:
             if not await self._wait_for_schema():
@@ -194,26 +158,61 @@ class Worker:
                 self.concurrency,
                 "LISTEN/NOTIFY with polling fallback" if self.listen else "polling only",
             )
-            if self.listen:
-                background.append(asyncio.create_task(self._listen_loop(), name="pgqueue-listen"))
-            background.append(asyncio.create_task(self._maintenance_loop(), name="pgqueue-maintenance"))
-            for task in background:
+            for name, job in self._background_jobs(dsn):
+                task = asyncio.create_task(job, name=f"pgqueue-{name}")
                 task.add_done_callback(_report_crash)
+                background.append(task)
             self.started.set()
+            self.app.hooks.emit(WorkerStarted(self.worker_id, tuple(self.queues), self.concurrency))
             await self._claim_loop()
             await self._shutdown()
         finally:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            for connection in (self._claimer, self._maintainer, completer_connection):
+            for connection in (self._claimer, completer_connection):
                 await connection.close()
-            self._threads.shutdown(wait=False, cancel_futures=True)
-            self._terminate_processes()
+            self._executors.shutdown()
             if signals_installed:
                 for signum in (signal.SIGTERM, signal.SIGINT):
                     self._loop.remove_signal_handler(signum)
             log.info("worker %s stopped after %d job(s)", self.worker_id, self.jobs_done)
+            self.app.hooks.emit(WorkerStopped(self.worker_id, self.jobs_done))
+
+    def _background_jobs(self, dsn: str) -> list[tuple[str, Any]]:
+        """The loops that run beside the claim loop, each on a connection of its own."""
+        settings = self.settings
+        jobs: list[tuple[str, Any]] = []
+        if self.listen:
+            assert self._wake
+            listener = Listener(
+                dsn,
+                self.queues,
+                self._wake,
+                statement_timeout=settings.statement_timeout,
+                poll_interval=settings.poll_interval,
+                reconnect_max_delay=settings.reconnect_max_delay,
+            )
+            jobs.append(("listen", listener.run()))
+        heartbeat = Heartbeat(
+            dsn,
+            self.worker_id,
+            settings.lease_seconds,
+            settings.statement_timeout,
+            held=self._held_ids,
+            running=self._running_ids,
+            lost=self._leases_lost,
+        )
+        jobs.append(("heartbeat", heartbeat.run()))
+        self.maintenance = Maintenance(
+            dsn,
+            self.worker_id,
+            self.app.hooks,
+            interval=min(settings.rescue_interval, settings.lease_seconds),
+            statement_timeout=settings.statement_timeout,
+        )
+        jobs.append(("maintenance", self.maintenance.run()))
+        return jobs
 
     def _install_signals(self) -> bool:
         if not self.install_signal_handlers or threading.current_thread() is not threading.main_thread():
@@ -258,7 +257,7 @@ class Worker:
             # Threads still busy with timed-out jobs hold their slots, and outcomes the
             # database has not taken yet hold theirs: no claiming what cannot start or be kept.
             backlog = max(0, len(self._completer.unrecorded_ids()) - self.concurrency)
-            free = self.concurrency - len(self._running) - self._lingering - backlog
+            free = self.concurrency - len(self._running) - self._executors.lingering - backlog
             if free <= 0:
                 self._slot_freed.clear()
                 await self._wait_any(self._slot_freed, timeout=self.settings.poll_interval)
@@ -275,7 +274,7 @@ class Worker:
                 # not running here, so hand them back before claiming again.
                 self._claim_uncertain = self._claim_uncertain or isinstance(error, DatabaseUnavailable)
                 delay = backoff.next_delay()
-                log.warning("could not claim jobs (%s); retrying in %.1fs", _describe(error), delay)
+                log.warning("could not claim jobs (%s); retrying in %.1fs", describe(error), delay)
                 await self._sleep(delay)
                 continue
             if backoff.failures:
@@ -336,26 +335,34 @@ class Worker:
         # while its old attempt is still winding down
         self._running[job.id, job.attempt] = task
 
+    def _running_ids(self) -> set[int]:
+        return {job_id for job_id, _ in self._running}
+
     async def _execute(self, job: ClaimedJob) -> None:
-        outcome: Outcome
+        hooks = self.app.hooks
         context = JobContext(job.id, job.task, job.queue, job.attempt, job.max_attempts, self.worker_id)
         token = _current.set(context)
         started = time.monotonic()
+        if hooks.wants(JobStarted):
+            waited = (datetime.now(UTC) - job.run_at).total_seconds()
+            hooks.emit(JobStarted(self.worker_id, job, max(0.0, waited)))
         try:
-            outcome = await self._attempt(job)
+            outcome = await self._attempt(job, context)
         finally:
             _current.reset(token)
             self._running.pop((job.id, job.attempt), None)
             assert self._slot_freed
             self._slot_freed.set()
-        log.debug("job %d %s: %s in %.3fs", job.id, job.task, outcome.kind, time.monotonic() - started)
+        seconds = time.monotonic() - started
+        log.debug("job %d %s: %s in %.3fs", job.id, job.task, outcome.kind, seconds)
         self.jobs_done += 1
         self._completer.add(outcome)
+        hooks.emit(JobFinished(self.worker_id, job, outcome, seconds))
 
-    async def _attempt(self, job: ClaimedJob) -> Outcome:
+    async def _attempt(self, job: ClaimedJob, context: JobContext) -> Outcome:
         task = self.app.tasks.get(job.task)
         if task is None:
-            return self._failure(
+            return failure(
                 job,
                 "fatal",
                 "unknown_task",
@@ -365,235 +372,36 @@ class Worker:
         try:
             args, kwargs = task.call_arguments(job.args)
         except TypeError as error:
-            return self._failure(
+            return failure(
                 job,
                 "fatal",
                 "bad_arguments",
                 f"InvalidJobError: stored arguments do not fit task {job.task!r}: {error}",
             )
-        timeout = job.timeout_seconds
-        try:
-            result = await self._call(task, job, args, kwargs)
-        except Retry as request:
-            return self._failure(job, "retry", "retry", f"Retry: {request.reason}", retry_in=request.delay)
-        except Fail as failure:
-            return self._failure(job, "fatal", "fail", _describe(failure), traceback.format_exc())
-        except _TimedOut:
-            return self._failure(
-                job,
-                "failed",
-                "timeout",
-                f"TimeoutError: job ran longer than its timeout of {timeout:g}s and was stopped",
-            )
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling() == 0 and not self._releasing:
-                # the handler's own await was cancelled (not this job): a failed attempt
-                return self._failure(job, "failed", "exception", "CancelledError", traceback.format_exc())
-            if self._releasing:
-                return Outcome(
-                    job.id,
-                    job.attempt,
-                    "released",
-                    error={
-                        "kind": "released",
-                        "error": "worker shut down before the job finished; requeued",
-                        "traceback": None,
-                    },
+
+        def call() -> Any:
+            return self._executors.run(task, context, job.args, args, kwargs, job.timeout_seconds)
+
+        return await outcome_of(job, call, releasing=lambda: self._releasing)
+
+    def _leases_lost(self, job_ids: set[int]) -> None:
+        """The heartbeat found these jobs no longer ours: stop them, their outcome would be void."""
+        for (job_id, attempt), task in list(self._running.items()):
+            if job_id in job_ids:
+                log.warning(
+                    "worker %s lost the lease of job %d (attempt %d): stopping it, as another worker "
+                    "may run it now",
+                    self.worker_id,
+                    job_id,
+                    attempt,
                 )
-            raise
-        except BaseException as error:
-            # SystemExit or KeyboardInterrupt from a handler fails its attempt, not the worker
-            return self._failure(job, "failed", "exception", _describe(error), traceback.format_exc())
-        try:
-            result_json = JSON_ENCODER.encode(result)
-            if "\\u0000" in result_json and JSON_NUL.search(result_json):
-                raise ValueError("it contains a NUL character (\\u0000), which jsonb cannot store")
-            if len(result_json) > MAX_RESULT_BYTES:
-                raise ValueError(
-                    f"it is {len(result_json)} bytes of JSON, over the {MAX_RESULT_BYTES} limit: "
-                    "store large results elsewhere and return their key"
-                )
-        except (TypeError, ValueError) as error:
-            return self._failure(
-                job,
-                "fatal",
-                "bad_result",
-                f"InvalidResultError: the handler's return value cannot be stored: {error}",
-            )
-        return Outcome(job.id, job.attempt, "succeeded", result_json=result_json)
+                task.cancel()
 
-    async def _call(
-        self, task: Task[..., Any], job: ClaimedJob, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        timeout = job.timeout_seconds
-        if task.executor == "async":
-            if timeout is None:
-                return await task.function(*args, **kwargs)
-            try:
-                async with asyncio.timeout(timeout) as deadline:
-                    return await task.function(*args, **kwargs)
-            except TimeoutError:
-                if deadline.expired():  # ours, not one the handler raised itself
-                    raise _TimedOut from None
-                raise
-        loop = asyncio.get_running_loop()
-        process = task.executor == "process"
-        gate = self._process_gate if process else self._thread_gate
-        if process:
-            context = JobContext(job.id, job.task, job.queue, job.attempt, job.max_attempts, self.worker_id)
-            call = functools.partial(
-                run_in_process, task.function.__module__, task.function.__qualname__, job.args, context
-            )
-        else:
-            call = functools.partial(contextvars.copy_context().run, task.function, *args, **kwargs)
-        # Wait for a free thread or process first, so the timeout counts running time only.
-        await gate.acquire()
-        try:
-            future = self._submit(call, process)
-        except BaseException:
-            gate.release()
-            raise
-        future.add_done_callback(lambda _: _call_soon(loop, gate.release))
-        try:
-            async with asyncio.timeout(timeout) as deadline:
-                return await asyncio.wrap_future(future)
-        except (TimeoutError, asyncio.CancelledError) as error:
-            if not future.done():
-                if process:
-                    # a child process can be stopped: do it, and the next job gets a new pool
-                    self._terminate_processes()
-                else:
-                    # Python cannot stop a thread; its slot stays taken until it returns
-                    self._lingering += 1
-                    future.add_done_callback(lambda _: _call_soon(loop, self._lingering_done))
-            if isinstance(error, TimeoutError) and deadline.expired():
-                raise _TimedOut from None
-            raise
-        except concurrent.futures.process.BrokenProcessPool:
-            # a child died (killed, out of memory): the next job gets a fresh pool
-            self._terminate_processes()
-            raise
-
-    def _submit(self, call: Callable[[], Any], process: bool) -> concurrent.futures.Future[Any]:
-        if not process:
-            assert self._threads
-            return self._threads.submit(call)
-        for _ in range(2):
-            if self._processes is None:
-                self._processes = processes.new_pool(self._process_count)
-            try:
-                return processes.submit(self._processes, call)
-            except concurrent.futures.process.BrokenProcessPool:
-                self._terminate_processes()  # broke while idle: once more with a new pool
-        raise concurrent.futures.process.BrokenProcessPool("could not start a process pool")
-
-    def _lingering_done(self) -> None:
-        self._lingering -= 1
-        assert self._slot_freed
-        self._slot_freed.set()
-
-    def _failure(
-        self,
-        job: ClaimedJob,
-        kind: Any,
-        error_kind: str,
-        message: str,
-        trace: str | None = None,
-        retry_in: float | None = None,
-    ) -> Outcome:
-        if kind != "retry":
-            log.warning(
-                "job %d %s attempt %d/%d failed: %s", job.id, job.task, job.attempt, job.max_attempts, message
-            )
-        # jsonb cannot hold U+0000, which an exception message may well contain
-        message = message.replace("\x00", "\\x00")
-        trace = trace.replace("\x00", "\\x00") if trace else trace
-        return Outcome(
-            job.id,
-            job.attempt,
-            kind,
-            error={"kind": error_kind, "error": message, "traceback": trace},
-            retry_in=retry_in,
-        )
-
-    def _recorded(self, outcomes: list[Outcome], rows: list[tuple[Any, ...]]) -> None:
+    def _recorded(self, outcomes: list[Outcome], rows: list[tuple[Any, ...]], seconds: float) -> None:
         # outcomes stored: slots held back by a backlog of unrecorded outcomes are free again
         assert self._slot_freed
         self._slot_freed.set()
-
-    # -- background loops -------------------------------------------------------------
-
-    async def _listen_loop(self) -> None:
-        assert self._wake
-        backoff = Backoff(cap=self.settings.reconnect_max_delay)
-        served = set(self.queues)
-        listener = WorkerConnection(self.app.dsn, "listen", self.settings.statement_timeout)
-        # A silent network cut leaves a LISTEN socket open but deaf; probing the link
-        # whenever it has been quiet this long notices, and we reconnect.
-        probe_every = max(1.0, min(5.0, self.settings.statement_timeout))
-        try:
-            while True:
-                try:
-                    await listener.fetch(f"listen {CHANNEL}", {})
-                    connection = await listener.connect()
-                    if backoff.failures:
-                        log.info("LISTEN connection back")
-                    backoff.reset()
-                    self._wake.set()  # notifications sent while we were away are lost: look now
-                    while True:
-                        async for notification in connection.notifies(timeout=probe_every):
-                            if notification.payload in served:
-                                self._wake.set()
-                        await listener.fetch("select 1", {})
-                except Exception as error:  # the listener must outlive anything the server says
-                    await listener.discard()
-                    delay = backoff.next_delay()
-                    log.warning(
-                        "LISTEN connection lost (%s); polling every %.1fs meanwhile, reconnecting in %.1fs",
-                        _describe(error),
-                        self.settings.poll_interval,
-                        delay,
-                    )
-                    await asyncio.sleep(delay)
-        finally:
-            await listener.close()
-
-    async def _maintenance_loop(self) -> None:
-        """Heartbeat the leases of running jobs; now and then rescue other workers' expired jobs."""
-        lease = self.settings.lease_seconds
-        beat = max(0.05, lease / 3)
-        rescue_every = min(self.settings.rescue_interval, lease)
-        next_rescue = time.monotonic()
-        while True:
-            held = self._held_ids()
-            if held:
-                try:
-                    await self._maintainer.fetch(
-                        query("heartbeat"),
-                        {"worker": self.worker_id, "ids": held, "lease_seconds": lease, "now": None},
-                    )
-                except DatabaseUnavailable as error:
-                    log.warning("heartbeat failed (%s): leases of %d job(s) not extended", error, len(held))
-                except psycopg.Error:
-                    # not a lost connection: log it loudly, but a heartbeat must never stop for good
-                    log.exception("heartbeat failed")
-            if time.monotonic() >= next_rescue and not self._stopping:
-                next_rescue = time.monotonic() + rescue_every
-                try:
-                    rescued = await self._maintainer.fetch(query("rescue_expired_jobs"), {"now": None})
-                except DatabaseUnavailable:
-                    rescued = []
-                except psycopg.Error:
-                    log.exception("rescue sweep failed")
-                    rescued = []
-                for job_id, state in rescued:
-                    log.warning(
-                        "job %d's lease expired (its worker died or lost the database): %s",
-                        job_id,
-                        "requeued" if state == "queued" else "dead-lettered",
-                    )
-            await asyncio.sleep(beat)
+        self.app.hooks.emit(OutcomesFlushed(self.worker_id, outcomes, len(rows), seconds))
 
     # -- shutdown -------------------------------------------------------------------
 
@@ -614,7 +422,7 @@ class Worker:
             await asyncio.wait(leftover, timeout=5.0)
         # Every outcome is decided now: CPU-bound children still running belong to jobs
         # released or timed out, which must not go on running beside their next attempt.
-        self._terminate_processes()
+        self._executors.kill_processes()
         if self._claim_uncertain:
             with contextlib.suppress(DatabaseUnavailable, psycopg.Error):
                 await self._release_orphans()
@@ -640,12 +448,6 @@ class Worker:
                 )
                 break
 
-    def _terminate_processes(self) -> None:
-        """Stop the process pool's children; the next CPU-bound job starts a new pool."""
-        pool, self._processes = self._processes, None
-        if pool is not None:
-            processes.kill_children(pool)
-
 
 async def _wait_all_or(tasks: list[asyncio.Task[None]], force: asyncio.Future[Any], timeout: float) -> None:
     """Wait for all `tasks`, until `timeout`, or until `force` completes."""
@@ -656,21 +458,6 @@ async def _wait_all_or(tasks: list[asyncio.Task[None]], force: asyncio.Future[An
         everything.cancel()
 
 
-def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
-    """From an executor thread: run `callback` on the loop, unless the worker has ended."""
-    with contextlib.suppress(RuntimeError):  # the loop closed while the thread finished
-        loop.call_soon_threadsafe(callback)
-
-
 def _report_crash(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("background task %s crashed", task.get_name(), exc_info=task.exception())
-
-
-class _TimedOut(Exception):
-    """The handler outran its timeout."""
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error)
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__

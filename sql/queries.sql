@@ -49,8 +49,16 @@ select pgqueue.heartbeat(%(worker)s, %(ids)s, %(lease_seconds)s, %(now)s)
 select pgqueue.release_jobs(%(worker)s, %(held)s::bigint[], %(now)s)
 
 -- name: rescue_expired_jobs
--- Requeue (or dead-letter) jobs whose lease expired.
-select id, state from pgqueue.rescue_expired_jobs(%(now)s)
+-- Requeue (or dead-letter) up to %(limit)s jobs whose lease expired.
+select id, state from pgqueue.rescue_expired_jobs(%(now)s, %(limit)s)
+
+-- name: lead
+-- Become or stay the leader of a maintenance duty; true while this worker leads.
+select pgqueue.lead(%(duty)s, %(worker)s, %(seconds)s, %(now)s)
+
+-- name: resign
+-- Step down as leader of a duty (at shutdown).
+select pgqueue.resign(%(duty)s, %(worker)s)
 
 -- name: next_due_in
 -- Seconds until the next queued job of these queues falls due (lets an idle worker sleep

@@ -20,6 +20,8 @@ from pgqueue import (
 from pgqueue.sql import latest_version, migrations
 from tests.schema_snapshot import SNAPSHOT, snapshot
 
+ALL = [migration.version for migration in migrations()]
+
 
 def has_schema(dsn: str) -> bool:
     with psycopg.connect(dsn) as connection:
@@ -39,10 +41,10 @@ def test_migrations_from_zero_equal_the_committed_schema(empty_dsn: str) -> None
 
 def test_migrating_twice_changes_nothing(empty_dsn: str) -> None:
     with psycopg.connect(empty_dsn, autocommit=True) as connection:
-        assert migrate(connection) == [1]
+        assert migrate(connection) == ALL
         assert migrate(connection) == []
         rows = connection.execute("select version, name from pgqueue.migrations").fetchall()
-        assert rows == [(1, "initial")]
+        assert rows == [(migration.version, migration.name) for migration in migrations()]
         assert check_schema(connection) == latest_version()
 
 
@@ -65,17 +67,17 @@ def test_concurrent_migrations_apply_once(empty_dsn: str) -> None:
     for thread in threads:
         thread.join(60)
     assert errors == []
-    assert sorted(results) == [[], [], [], [], [], [1]]
+    assert sorted(results) == [[], [], [], [], [], ALL]
 
 
 def test_migration_rolls_back_with_the_callers_transaction(empty_dsn: str) -> None:
     with psycopg.connect(empty_dsn) as connection:
         connection.execute("create table app_table (id int)")
-        assert migrate(connection) == [1]
+        assert migrate(connection) == ALL
         connection.rollback()
     assert not has_schema(empty_dsn)
     with psycopg.connect(empty_dsn) as connection:
-        assert migrate(connection) == [1]
+        assert migrate(connection) == ALL
         assert not has_schema(empty_dsn)  # not committed yet: the caller decides
     assert has_schema(empty_dsn)
 
@@ -88,7 +90,7 @@ def test_async_migration_in_the_callers_transaction(empty_dsn: str) -> None:
             assert not has_schema(empty_dsn)
             return applied + await migrate_async(connection)
 
-    assert asyncio.run(scenario()) == [1, 1]
+    assert asyncio.run(scenario()) == ALL + ALL
     assert has_schema(empty_dsn)
 
 

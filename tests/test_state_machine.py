@@ -164,12 +164,12 @@ def test_outcome_from_a_worker_that_lost_its_lease_changes_nothing(
     assert rescued == [(job_id, "queued")]
     state, attempt, _, worker, _, errors = job(connection, job_id)
     assert (state, attempt, worker, errors) == ("queued", 1, None, 1)
-    claim(connection, T0 + timedelta(seconds=6), worker="new")
+    claim(connection, T0 + timedelta(seconds=8), worker="new")  # after the rescue's backoff
     # the old worker comes back and reports success: ignored, the new attempt owns the job
     late = connection.execute(
         "select id from pgqueue.complete_jobs('old', %s, %s, %s, %s::jsonb[], %s::jsonb[],"
         " %s::double precision[], %s)",
-        ([job_id], [1], ["succeeded"], ['"late"'], [None], [None], T0 + timedelta(seconds=7)),
+        ([job_id], [1], ["succeeded"], ['"late"'], [None], [None], T0 + timedelta(seconds=9)),
     ).fetchall()
     assert late == []
     assert job(connection, job_id)[:2] == ("running", 2)
@@ -254,3 +254,83 @@ def test_redrive_of_the_whole_dead_letter_goes_in_batches(connection: psycopg.Co
     assert retry_dead_letter(connection, batch=5) == 0
     untouched = connection.execute("select state::text from pgqueue.jobs where task = 'fine.task'").fetchone()
     assert untouched == ("cancelled",)
+
+
+def rescue(connection: psycopg.Connection[Any], now: datetime, limit: int = 1000) -> list[tuple[int, str]]:
+    rows = connection.execute(
+        "select id, state::text from pgqueue.rescue_expired_jobs(%s, %s)", (now, limit)
+    ).fetchall()
+    return [(int(job_id), str(state)) for job_id, state in rows]
+
+
+def test_rescue_waits_the_retry_backoff_before_the_next_attempt(connection: psycopg.Connection[Any]) -> None:
+    job_id = enqueue(
+        connection, run_at=T0, max_attempts=5, backoff="fixed", backoff_base_seconds=30, backoff_jitter=0
+    )
+    claim(connection, T0, lease=5)
+    swept = T0 + timedelta(seconds=6)
+    assert rescue(connection, swept) == [(job_id, "queued")]
+    # a crash is a failed attempt: the job waits its backoff instead of starting again at once
+    assert job(connection, job_id)[2] == swept + timedelta(seconds=30)
+    assert claim(connection, swept + timedelta(seconds=29)) == []
+    assert claim(connection, swept + timedelta(seconds=30)) == [job_id]
+
+
+def test_a_job_that_kills_its_worker_three_times_in_a_row_is_dead_lettered(
+    connection: psycopg.Connection[Any],
+) -> None:
+    job_id = enqueue(connection, run_at=T0, max_attempts=10, backoff="fixed", backoff_base_seconds=0)
+    now = T0
+    states = []
+    for _ in range(3):
+        claim(connection, now, lease=5)
+        now += timedelta(seconds=6)
+        states += [state for _, state in rescue(connection, now)]
+    assert states == ["queued", "queued", "dead"]
+    row = connection.execute(
+        "select attempt, errors -> -1 ->> 'error' from pgqueue.jobs where id = %s", (job_id,)
+    ).fetchone()
+    assert row is not None and row[0] == 3 and "last 3 attempts all ended this way" in row[1]
+
+
+def test_a_failure_in_between_resets_the_count_of_lease_expiries(connection: psycopg.Connection[Any]) -> None:
+    job_id = enqueue(connection, run_at=T0, max_attempts=10, backoff="fixed", backoff_base_seconds=0)
+    now = T0
+    for step in range(4):
+        claim(connection, now, lease=5)
+        if step == 1:  # an ordinary failure: not the worker-killing kind
+            fail(connection, job_id, 2, now)
+        else:
+            now += timedelta(seconds=6)
+            assert rescue(connection, now) == [(job_id, "queued")]
+    assert job(connection, job_id)[0] == "queued"  # two expiries since the failure, not three
+
+
+def test_rescue_works_in_batches_of_the_oldest_expiries(connection: psycopg.Connection[Any]) -> None:
+    ids = [enqueue(connection, run_at=T0) for _ in range(5)]
+    for offset, job_id in enumerate(ids):  # leases expiring one second apart, last claimed first
+        connection.execute(
+            "update pgqueue.jobs set state = 'running', attempt = 1, worker = 'w',"
+            " lease_expires_at = %s where id = %s",
+            (T0 + timedelta(seconds=10 - offset), job_id),
+        )
+    later = T0 + timedelta(seconds=60)
+    assert sorted(job_id for job_id, _ in rescue(connection, later, limit=2)) == sorted(ids[-2:])
+    assert len(rescue(connection, later, limit=2)) == 2
+    assert len(rescue(connection, later, limit=2)) == 1
+    assert rescue(connection, later, limit=2) == []
+
+
+def test_one_leader_at_a_time_until_its_lease_runs_out(connection: psycopg.Connection[Any]) -> None:
+    def lead(worker: str, now: datetime) -> bool:
+        row = connection.execute("select pgqueue.lead('maintenance', %s, 15, %s)", (worker, now)).fetchone()
+        return bool(row and row[0])
+
+    assert lead("a", T0) is True
+    assert lead("b", T0 + timedelta(seconds=1)) is False
+    assert lead("a", T0 + timedelta(seconds=10)) is True  # renewed until T0 + 25 s
+    assert lead("b", T0 + timedelta(seconds=20)) is False
+    assert lead("b", T0 + timedelta(seconds=26)) is True  # a's lease ran out: b takes over
+    assert lead("a", T0 + timedelta(seconds=27)) is False
+    connection.execute("select pgqueue.resign('maintenance', 'b')")
+    assert lead("a", T0 + timedelta(seconds=28)) is True  # no wait after a resignation

@@ -1,0 +1,75 @@
+"""The heartbeat: extends the leases of a worker's jobs, and notices the ones it lost.
+
+It has a connection of its own, so a heartbeat never waits behind maintenance or a
+flush, and its statement timeout is a third of the lease: a heartbeat stuck longer
+than that would let the leases lapse anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import psycopg
+
+from .connection import DatabaseUnavailable, WorkerConnection
+from .sql import query
+
+log = logging.getLogger("pgqueue")
+
+
+class Heartbeat:
+    """Every third of a lease: extend the leases of `held()`; report `running()` ids not extended."""
+
+    def __init__(
+        self,
+        dsn: str,
+        worker: str,
+        lease_seconds: float,
+        statement_timeout: float,
+        held: Callable[[], list[int]],
+        running: Callable[[], set[int]],
+        lost: Callable[[set[int]], None],
+    ) -> None:
+        self._connection = WorkerConnection(
+            dsn, "heartbeat", min(statement_timeout, max(1.0, lease_seconds / 3))
+        )
+        self._worker = worker
+        self._lease = lease_seconds
+        self._held = held
+        self._running = running
+        self._lost = lost
+
+    async def run(self) -> None:
+        beat = max(0.05, self._lease / 3)
+        try:
+            while True:
+                await self.beat()
+                await asyncio.sleep(beat)
+        finally:
+            await self._connection.close()
+
+    async def beat(self) -> None:
+        held = self._held()
+        if not held:
+            return
+        running_before = self._running()
+        try:
+            rows = await self._connection.fetch(
+                query("heartbeat"),
+                {"worker": self._worker, "ids": held, "lease_seconds": self._lease, "now": None},
+            )
+        except DatabaseUnavailable as error:
+            log.warning("heartbeat failed (%s): leases of %d job(s) not extended", error, len(held))
+            return
+        except psycopg.Error:
+            # not a lost connection: log it loudly, but a heartbeat must never stop for good
+            log.exception("heartbeat failed")
+            return
+        extended = {int(row[0]) for row in rows}
+        # Only jobs still running here can have been lost: one that finished meanwhile
+        # may have had its outcome stored (and its row left 'running') before this call.
+        lost = (running_before & self._running()) - extended
+        if lost:
+            self._lost(lost)

@@ -1,0 +1,70 @@
+"""The worker's LISTEN connection: wakes the claim loop when jobs of its queues arrive.
+
+Polling stays the fallback (a lost notification, a pooler that cannot LISTEN, jobs
+that become due later). A silent network cut leaves a LISTEN socket open but deaf,
+so the link is probed whenever it has been quiet for a while, and reconnected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from .connection import Backoff, WorkerConnection
+from .outcomes import describe
+
+log = logging.getLogger("pgqueue")
+
+CHANNEL = "pgqueue_jobs"
+
+
+class Listener:
+    """LISTENs on the jobs channel for as long as `run()` runs, setting `wake` on news."""
+
+    def __init__(
+        self,
+        dsn: str,
+        queues: list[str],
+        wake: asyncio.Event,
+        *,
+        statement_timeout: float,
+        poll_interval: float,
+        reconnect_max_delay: float,
+    ) -> None:
+        self._connection = WorkerConnection(dsn, "listen", statement_timeout)
+        self._served = set(queues)
+        self._wake = wake
+        self._poll_interval = poll_interval
+        self._backoff = Backoff(cap=reconnect_max_delay)
+        self._probe_every = max(1.0, min(5.0, statement_timeout))
+
+    async def run(self) -> None:
+        try:
+            while True:
+                try:
+                    await self._listen()
+                except Exception as error:  # the listener must outlive anything the server says
+                    await self._connection.discard()
+                    delay = self._backoff.next_delay()
+                    log.warning(
+                        "LISTEN connection lost (%s); polling every %.1fs meanwhile, reconnecting in %.1fs",
+                        describe(error),
+                        self._poll_interval,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+        finally:
+            await self._connection.close()
+
+    async def _listen(self) -> None:
+        await self._connection.fetch(f"listen {CHANNEL}", {})
+        connection = await self._connection.connect()
+        if self._backoff.failures:
+            log.info("LISTEN connection back")
+        self._backoff.reset()
+        self._wake.set()  # notifications sent while we were away are lost: look now
+        while True:
+            async for notification in connection.notifies(timeout=self._probe_every):
+                if notification.payload in self._served:
+                    self._wake.set()
+            await self._connection.fetch("select 1", {})

@@ -1,0 +1,61 @@
+"""The maintenance loop every worker runs: lead if nobody does, then do the duties."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import psycopg
+
+from ..connection import DatabaseUnavailable, WorkerConnection
+from ..hooks import Hooks
+from .leader import Leadership
+from .rescue import rescue_expired
+
+log = logging.getLogger("pgqueue")
+
+DUTY = "maintenance"
+
+
+class Maintenance:
+    """Every `interval` seconds: renew or take the lead, and if leading, run the duties.
+
+    The lead lasts three intervals, so a leader that died is replaced within that
+    time, and a slow round does not lose it.
+    """
+
+    def __init__(
+        self, dsn: str, worker: str, hooks: Hooks, *, interval: float, statement_timeout: float
+    ) -> None:
+        self._connection = WorkerConnection(dsn, "maintenance", statement_timeout)
+        self._interval = interval
+        self._worker = worker
+        self._hooks = hooks
+        self.leadership = Leadership(self._connection, DUTY, worker, term=3 * interval)
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await self.round()
+                await asyncio.sleep(self._interval)
+        finally:
+            await self.stop()
+
+    async def round(self) -> None:
+        """One pass: the lead, then each duty; a failure is logged, never fatal."""
+        try:
+            if await self.leadership.renew():
+                await rescue_expired(self._connection, self._worker, self._hooks)
+        except DatabaseUnavailable:
+            self.leadership.leading = False  # the lease may run out meanwhile: ask again
+        except psycopg.Error:
+            log.exception("maintenance round failed")
+
+    async def stop(self) -> None:
+        """Step down so another worker leads at once, then close the connection."""
+        try:
+            await self.leadership.resign()
+        except (DatabaseUnavailable, psycopg.Error):
+            pass  # the lease runs out by itself
+        finally:
+            await self._connection.close()
