@@ -244,3 +244,42 @@ def test_a_process_pool_job_of_a_worker_killed_alone_is_not_finished_by_its_orph
     )
     assert job_id not in marks(worker_processes, "end"), "the dead worker's child went on with its job"
     assert process_gone(child)
+
+
+def test_a_worker_stopped_past_its_lease_stops_the_job_it_lost_when_it_resumes(
+    dsn: str, sample: App, worker_processes: WorkerProcesses
+) -> None:
+    # a long GC pause, a stopped container, a laptop lid: SIGSTOP for longer than the lease
+    paused = worker_processes.start(dsn, "--lease-seconds", "2", app=APP)
+    job_id = enqueue(sample, signal_app.async_sleep, seconds=30.0)
+    first = wait_until_running(worker_processes, [job_id])[job_id]
+    assert first == paused.pid
+    os.kill(paused.pid, signal.SIGSTOP)
+    try:
+        rescuer = worker_processes.start(dsn, "--lease-seconds", "30", app=APP)
+        # the rescuer's sweep requeues the job once the paused worker's lease expires; it
+        # runs attempt 2, which the test lets finish only after the paused worker is back
+        wait_for(
+            lambda: starts(worker_processes, job_id) == [paused.pid, rescuer.pid],
+            timeout=60,
+            what="the rescued job to start again on the other worker",
+        )
+    finally:
+        os.kill(paused.pid, signal.SIGCONT)
+    paused.wait_for_output(f"lost the lease of job {job_id}", timeout=30)
+    # the paused worker stopped its attempt instead of finishing it beside the new one
+    assert job_id not in marks(worker_processes, "end")
+    job = sample.get_job(job_id)
+    assert (job.state, job.attempt) == ("running", 2)
+    assert job.worker is not None and job.worker.split(":")[1] == str(rescuer.pid)
+    assert [error["kind"] for error in job.errors] == ["lease_expired"]
+    assert paused.alive(), "losing a lease stops the job, not the worker"
+
+
+def starts(workers: WorkerProcesses, job_id: int) -> list[int]:
+    """Pids that started `job_id`, in order."""
+    return [
+        int(pid)
+        for event, job, pid in (line.split() for line in workers.executions())
+        if event == "start" and int(job) == job_id
+    ]
