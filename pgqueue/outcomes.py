@@ -17,7 +17,7 @@ from .payloads import encode_json
 
 log = logging.getLogger("pgqueue")
 
-OutcomeKind = Literal["succeeded", "failed", "retry", "fatal", "released"]
+OutcomeKind = Literal["succeeded", "failed", "retry", "fatal", "released", "deferred"]
 # A result is read back by whoever asks for it; beyond this it belongs in a table of its own.
 MAX_RESULT_BYTES = 10_000_000
 

@@ -46,6 +46,17 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="seconds a worker waits on one database call before reconnecting"
     )
     reconnect_max_delay: float = Field(default=10.0, gt=0, description="cap of reconnect backoff")
+    handback_delay: float = Field(
+        default=10.0,
+        ge=0,
+        description="seconds a job this worker cannot run (task unknown here, arguments that do not "
+        "fit) waits before it is offered again, to a worker that knows it",
+    )
+    unknown_task_timeout: float = Field(
+        default=3600.0,
+        ge=0,
+        description="a job handed back that way for this long (from its first hand-back) is dead-lettered",
+    )
 
     def __init__(self, **values: Any) -> None:
         # A bad setting is bad input at the edge: pgqueue's typed error, not pydantic's.

@@ -37,7 +37,7 @@ from .listener import Listener
 from .maintenance import Maintenance
 from .migrate import check_schema_async
 from .models import NAME_PATTERN, ClaimedJob
-from .outcomes import Outcome, describe, failure, outcome_of
+from .outcomes import Outcome, describe, outcome_of
 from .settings import Settings
 from .sql import query
 
@@ -362,27 +362,47 @@ class Worker:
     async def _attempt(self, job: ClaimedJob, context: JobContext) -> Outcome:
         task = self.app.tasks.get(job.task)
         if task is None:
-            return failure(
+            return self._hand_back(
                 job,
-                "fatal",
                 "unknown_task",
-                f"UnknownTaskError: task {job.task!r} is not registered in this worker's app "
-                f"(it registers {sorted(self.app.tasks)})",
+                f"UnknownTaskError: task {job.task!r} is not registered in the app of worker "
+                f"{self.worker_id} (it registers {sorted(self.app.tasks)})",
             )
         try:
             args, kwargs = task.call_arguments(job.args)
         except TypeError as error:
-            return failure(
+            return self._hand_back(
                 job,
-                "fatal",
                 "bad_arguments",
-                f"InvalidJobError: stored arguments do not fit task {job.task!r}: {error}",
+                f"InvalidJobError: stored arguments do not fit task {job.task!r} in worker "
+                f"{self.worker_id}: {error}",
             )
 
         def call() -> Any:
             return self._executors.run(task, context, job.args, args, kwargs, job.timeout_seconds)
 
         return await outcome_of(job, call, releasing=lambda: self._releasing)
+
+    def _hand_back(self, job: ClaimedJob, kind: str, message: str) -> Outcome:
+        """A job this worker cannot run goes back for one that can (a rolling deploy, a queue
+        shared by two apps): the attempt does not count. Handed back this way for longer than
+        `unknown_task_timeout`, it is dead-lettered by `complete_jobs`."""
+        settings = self.settings
+        log.warning(
+            "job %d handed back (in %gs, for a worker that can run it; dead-lettered if none has "
+            "after %gs): %s",
+            job.id,
+            settings.handback_delay,
+            settings.unknown_task_timeout,
+            message,
+        )
+        error = {
+            "kind": kind,
+            "error": message,
+            "traceback": None,
+            "give_up_after": settings.unknown_task_timeout,
+        }
+        return Outcome(job.id, job.attempt, "deferred", error=error, retry_in=settings.handback_delay)
 
     def _leases_lost(self, job_ids: set[int]) -> None:
         """The heartbeat found these jobs no longer ours: stop them, their outcome would be void."""

@@ -125,7 +125,12 @@ def test_retry_requested_by_the_handler_and_permanent_failure(app: App, dsn: str
     assert dead.errors[0]["kind"] == "fail" and "card declined" in dead.errors[0]["error"]
 
 
-def test_unknown_task_at_run_time_is_dead_lettered_with_a_clear_error(app: App, dsn: str) -> None:
+def test_a_job_no_worker_can_run_is_handed_back_then_dead_lettered_after_the_time_limit(
+    new_app: Callable[..., App], dsn: str
+) -> None:
+    # a limit of zero: dead at the second hand-back (the first one starts the clock)
+    app = new_app(poll_interval=0.1, handback_delay=0.1, unknown_task_timeout=0)
+
     @app.task(name="known")
     async def known() -> None: ...
 
@@ -136,10 +141,60 @@ def test_unknown_task_at_run_time_is_dead_lettered_with_a_clear_error(app: App, 
         assert bad_args
     with running_worker(app):
         wait_for_states(dsn, [row[0], bad_args[0]])
-    job = app.get_job(row[0])
-    assert job.state is JobState.DEAD
-    assert "task 'nobody.registered' is not registered" in job.errors[0]["error"]
-    assert "do not fit task 'known'" in app.get_job(bad_args[0]).errors[0]["error"]
+    unknown, unfit = app.get_job(row[0]), app.get_job(bad_args[0])
+    assert unknown.state is JobState.DEAD and unfit.state is JobState.DEAD
+    # two hand-backs each, neither using up an attempt
+    assert [error["kind"] for error in unknown.errors] == ["unknown_task", "unknown_task"]
+    assert unknown.attempt == 0 and unfit.attempt == 0
+    assert "task 'nobody.registered' is not registered" in unknown.errors[0]["error"]
+    assert "do not fit task 'known'" in unfit.errors[0]["error"]
+    assert [error["kind"] for error in unfit.errors] == ["bad_arguments", "bad_arguments"]
+
+
+@pytest.mark.slow
+def test_a_rolling_deploy_loses_no_job(new_app: Callable[..., App], dsn: str) -> None:
+    """Old workers meet the new task (and the new signature) on a shared queue: every job succeeds."""
+    settings = {"poll_interval": 0.1, "handback_delay": 0.2}
+    old, new = new_app(**settings), new_app(**settings)
+    ran: list[tuple[str, str]] = []
+
+    @old.task(name="report")
+    async def old_report(day: str) -> None:
+        ran.append(("old", day))
+
+    @new.task(name="report")
+    async def new_report(day: str, fmt: str = "pdf") -> None:
+        ran.append(("new", day))
+
+    @new.task(name="invoice")
+    async def invoice(customer: int) -> None:
+        ran.append(("new", f"invoice {customer}"))
+
+    ids = [
+        *new_report.enqueue_many(None, [{"day": f"d{n}", "fmt": "csv"} for n in range(5)]),
+        *invoice.enqueue_many(None, [{"customer": n} for n in range(5)]),
+        *old_report.enqueue_many(None, [{"day": f"old{n}"} for n in range(5)]),
+    ]
+    with running_worker(old):
+        # only the old workers are up: what they cannot run, they hand back
+        wait_for_states(dsn, ids[10:], ["succeeded"])
+        wait_for(lambda: handed_back(dsn) >= 10, what="the new jobs to be handed back")
+        with running_worker(new):
+            states = wait_for_states(dsn, ids, timeout=60)
+    assert set(states.values()) == {"succeeded"}
+    assert sorted(day for who, day in ran if who == "old") == [f"old{n}" for n in range(5)]
+    new_jobs = [old.get_job(job_id) for job_id in ids[:10]]
+    assert all(job.attempt == 1 for job in new_jobs)  # the hand-backs used no attempt
+
+
+def handed_back(dsn: str) -> int:
+    """Jobs with at least one hand-back in their history."""
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        row = connection.execute(
+            "select count(*) from pgqueue.jobs"
+            ' where errors @> \'[{"kind": "unknown_task"}]\' or errors @> \'[{"kind": "bad_arguments"}]\''
+        ).fetchone()
+    return int(row[0]) if row else 0
 
 
 def test_timeout_stops_the_handler_and_counts_as_a_failed_attempt(app: App, dsn: str) -> None:
