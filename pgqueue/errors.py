@@ -31,6 +31,10 @@ class SchemaTooNewError(SchemaError):
     """The database was migrated by a newer pgqueue than this one."""
 
 
+class MigrationLockTimeoutError(SchemaError):
+    """A migration could not get a lock on a pgqueue table in time (a long transaction holds one)."""
+
+
 class MigrationChecksumError(SchemaError):
     """A migration that was already applied has been edited since."""
 

@@ -12,7 +12,12 @@ from typing import Any
 
 import psycopg
 
-from .errors import MigrationChecksumError, SchemaNotMigratedError, SchemaTooNewError
+from .errors import (
+    MigrationChecksumError,
+    MigrationLockTimeoutError,
+    SchemaNotMigratedError,
+    SchemaTooNewError,
+)
 from .plans import Plan, atomic, atomic_async, drive, drive_async
 from .sql import Migration, latest_version, migrations
 
@@ -26,22 +31,45 @@ create table if not exists pgqueue.migrations (
     name text not null,
     checksum text not null,
     applied_at timestamptz not null default now()
-)
+);
+-- added after 0001 was released; only when missing, so that migrating an up-to-date
+-- database takes no lock at all on this table (workers read it when they start)
+do $$ begin
+    if not exists (
+        select 1 from information_schema.columns
+        where table_schema = 'pgqueue' and table_name = 'migrations' and column_name = 'compatible_from'
+    ) then
+        alter table pgqueue.migrations add column compatible_from integer;
+    end if;
+end $$
 """
 
+# A migration that waits longer than this for a lock on a pgqueue table gives up, so
+# it never stalls the queue behind it (every claim would queue behind its lock request).
+MIGRATION_LOCK_TIMEOUT = 5.0
 
-def _migration_plan(available: Sequence[Migration]) -> Plan[list[int]]:
+
+def _migration_plan(available: Sequence[Migration], lock_timeout: float) -> Plan[list[int]]:
     # The transaction-scoped lock makes concurrent migrators queue up: the second one
     # waits, then finds everything applied. Taking it before "create schema" matters,
     # because two concurrent "create schema if not exists" can still collide.
     yield "select pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,)
+    # after the advisory lock (concurrent migrators wait for each other as long as it
+    # takes), and restored at the end: it is local to the caller's transaction
+    rows = yield "select current_setting('lock_timeout')", ()
+    previous_lock_timeout = str(rows[0][0]) if rows else "0"
+    yield "select set_config('lock_timeout', %s, true)", (f"{int(lock_timeout * 1000)}ms",)
     yield _BOOTSTRAP, None
-    rows = yield "select version, checksum from pgqueue.migrations order by version", ()
-    applied = {int(version): str(checksum) for version, checksum in rows or []}
+    rows = yield "select version, checksum, compatible_from from pgqueue.migrations order by version", ()
+    applied = {int(version): str(checksum) for version, checksum, _ in rows or []}
     known = {migration.version: migration for migration in available}
     newest_known = max(known, default=0)
-    newer = [version for version in applied if version > newest_known]
-    if newer:
+    newer = {int(version): compatible for version, _, compatible in rows or [] if version > newest_known}
+    needed = max(
+        (version if compatible is None else int(compatible) for version, compatible in newer.items()),
+        default=0,
+    )
+    if needed > newest_known:
         raise SchemaTooNewError(
             f"the database has pgqueue migration {max(newer)} but this pgqueue only knows "
             f"up to {newest_known}: upgrade pgqueue instead of migrating backwards"
@@ -60,28 +88,47 @@ def _migration_plan(available: Sequence[Migration]) -> Plan[list[int]]:
             continue
         yield migration.text, None
         yield (
-            "insert into pgqueue.migrations (version, name, checksum) values (%s, %s, %s)",
-            (migration.version, migration.name, migration.checksum),
+            "insert into pgqueue.migrations (version, name, checksum, compatible_from)"
+            " values (%s, %s, %s, %s)",
+            (migration.version, migration.name, migration.checksum, migration.compatible_from),
         )
         done.append(migration.version)
+    yield "select set_config('lock_timeout', %s, true)", (previous_lock_timeout,)
     return done
 
 
-def migrate(connection: psycopg.Connection[Any]) -> list[int]:
+def migrate(connection: psycopg.Connection[Any], lock_timeout: float = MIGRATION_LOCK_TIMEOUT) -> list[int]:
     """Apply pending migrations on `connection` and return the versions applied.
 
     Runs inside the caller's transaction when one is open (as a savepoint), so the
     schema change commits or rolls back with the caller's own work; otherwise in a
-    transaction of its own. Safe to call from many processes at once.
+    transaction of its own. Safe to call from many processes at once. A lock on a
+    pgqueue table that cannot be had within `lock_timeout` seconds (a long transaction
+    holds it) raises MigrationLockTimeoutError instead of stalling every worker.
     """
-    with atomic(connection):
-        return drive(connection, _migration_plan(migrations()))
+    with _lock_timeout_error(lock_timeout), atomic(connection):
+        return drive(connection, _migration_plan(migrations(), lock_timeout))
 
 
-async def migrate_async(connection: psycopg.AsyncConnection[Any]) -> list[int]:
+async def migrate_async(
+    connection: psycopg.AsyncConnection[Any], lock_timeout: float = MIGRATION_LOCK_TIMEOUT
+) -> list[int]:
     """The async twin of `migrate`: same plan, same transaction rules."""
-    async with atomic_async(connection):
-        return await drive_async(connection, _migration_plan(migrations()))
+    with _lock_timeout_error(lock_timeout):
+        async with atomic_async(connection):
+            return await drive_async(connection, _migration_plan(migrations(), lock_timeout))
+
+
+@contextlib.contextmanager
+def _lock_timeout_error(lock_timeout: float) -> Iterator[None]:
+    try:
+        yield
+    except psycopg.errors.LockNotAvailable as error:
+        raise MigrationLockTimeoutError(
+            f"a migration waited more than {lock_timeout:g}s for a lock on the pgqueue tables "
+            "(a long transaction holds one) and gave up rather than stall the queue behind it: "
+            "retry once that transaction has ended"
+        ) from error
 
 
 # What a statement meets on a database that was never migrated (or migrated by an older
@@ -121,10 +168,18 @@ def _version_plan() -> Plan[int]:
     version = int(rows[0][0]) if rows else 0
     expected = latest_version()
     if version > expected:
-        raise SchemaTooNewError(
-            f"the database schema is at pgqueue migration {version}, newer than this code "
-            f"(which knows up to {expected}): upgrade pgqueue before starting workers"
+        # newer migrations may say that code as old as ours keeps working with them
+        rows = yield (
+            "select max(coalesce(compatible_from, version)) from pgqueue.migrations where version > %s",
+            (expected,),
         )
+        needed = int(rows[0][0]) if rows and rows[0][0] is not None else version
+        if needed > expected:
+            raise SchemaTooNewError(
+                f"the database schema is at pgqueue migration {version}, newer than this code "
+                f"(which knows up to {expected}) and not compatible with it: upgrade pgqueue "
+                "before starting workers"
+            )
     if version < expected:
         raise SchemaNotMigratedError(
             f"the database schema is at pgqueue migration {version} but this code needs "

@@ -11,6 +11,7 @@ from importlib.resources.abc import Traversable
 
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 _MIGRATION_FILE = re.compile(r"^(\d{4})_(\w+)\.sql$")
+_COMPATIBLE = re.compile(r"^-- compatible-with: (\d+)\s*$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,17 @@ class Migration:
     @property
     def checksum(self) -> str:
         return hashlib.sha256(self.text.encode()).hexdigest()
+
+    @property
+    def compatible_from(self) -> int:
+        """The oldest migration a worker may know and still run on a schema with this one.
+
+        A file says `-- compatible-with: N` when code that knows only up to migration N
+        keeps working after it (it adds, never changes what older code uses); without
+        that line, code must know this migration itself.
+        """
+        match = _COMPATIBLE.search(self.text)
+        return int(match[1]) if match else self.version
 
 
 def _sql_folder() -> Traversable:

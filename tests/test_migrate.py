@@ -124,3 +124,51 @@ def test_the_migration_files_ship_inside_the_package() -> None:
     folder = resources.files("pgqueue").joinpath("_sql", "migrations")
     assert folder.joinpath("0001_initial.sql").is_file()
     assert [migration.version for migration in migrations()] == list(range(1, latest_version() + 1))
+
+
+def test_a_newer_compatible_schema_keeps_older_code_running(connection: psycopg.Connection[Any]) -> None:
+    newest = latest_version()
+    # a future migration that says code knowing `newest` still works with it
+    connection.execute(
+        "insert into pgqueue.migrations (version, name, checksum, compatible_from)"
+        " values (%s, 'future_addition', 'x', %s)",
+        (newest + 1, newest),
+    )
+    assert check_schema(connection) == newest + 1
+    assert migrate(connection) == []  # nothing to do, and no refusal either
+    # one that needs newer code is refused, by the worker's check and by migrate
+    connection.execute(
+        "insert into pgqueue.migrations (version, name, checksum, compatible_from)"
+        " values (%s, 'future_change', 'x', %s)",
+        (newest + 2, newest + 2),
+    )
+    with pytest.raises(SchemaTooNewError, match="not compatible"):
+        check_schema(connection)
+    with pytest.raises(SchemaTooNewError, match="upgrade pgqueue"):
+        migrate(connection)
+
+
+def test_each_shipped_migration_records_what_code_it_stays_compatible_with(
+    connection: psycopg.Connection[Any],
+) -> None:
+    rows = connection.execute("select version, compatible_from from pgqueue.migrations order by version")
+    assert [(int(v), int(c)) for v, c in rows] == [(m.version, m.compatible_from) for m in migrations()]
+
+
+def test_a_migration_gives_up_on_a_lock_instead_of_stalling_the_queue(dsn: str) -> None:
+    from pgqueue import MigrationLockTimeoutError
+
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        # a database migrated by a pgqueue from before the compatibility column
+        connection.execute("alter table pgqueue.migrations drop column compatible_from")
+    with psycopg.connect(dsn) as long_transaction:
+        long_transaction.execute("select count(*) from pgqueue.migrations")  # holds a lock until it ends
+        with psycopg.connect(dsn) as migrator:
+            with pytest.raises(MigrationLockTimeoutError, match=r"waited more than 0\.2s"):
+                migrate(migrator, lock_timeout=0.2)
+            migrator.rollback()
+            # the caller's own lock_timeout is left as it was
+            assert migrator.execute("show lock_timeout").fetchone() == ("0",)
+    with psycopg.connect(dsn) as migrator:
+        assert migrate(migrator) == []  # the lock gone, it goes through
+        assert migrator.execute("show lock_timeout").fetchone() == ("0",)

@@ -1,3 +1,4 @@
+-- compatible-with: 1
 -- Maintenance runs once per database, not once per worker: a leader holds a lease row
 -- (not a session advisory lock, which a transaction pooler such as PgBouncer cannot
 -- keep) and renews it while it works; when it dies, another worker takes over once

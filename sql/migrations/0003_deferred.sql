@@ -1,3 +1,4 @@
+-- compatible-with: 1
 -- Rolling deploys and shared queues: a worker that claims a job it cannot run (its task
 -- is not registered there, or the stored arguments do not fit its function) hands it
 -- back as 'deferred' instead of dead-lettering it: the attempt does not count, the job
