@@ -4,6 +4,7 @@ from .app import App
 from .context import JobContext, current_job
 from .errors import (
     ConfigurationError,
+    DatabaseUnavailableError,
     InvalidJobError,
     JobNotFoundError,
     MigrationChecksumError,
@@ -33,6 +34,7 @@ from .worker import Worker
 __all__ = [
     "App",
     "ConfigurationError",
+    "DatabaseUnavailableError",
     "Fail",
     "Hooks",
     "InvalidJobError",

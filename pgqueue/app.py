@@ -9,11 +9,11 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Literal, ParamSpec, TypeVar, overload
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool, ConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from . import producer
-from .database import resolve_dsn
-from .errors import ConfigurationError, JobNotFoundError, UnknownTaskError
+from .database import redact, resolve_dsn
+from .errors import ConfigurationError, DatabaseUnavailableError, JobNotFoundError, UnknownTaskError
 from .hooks import Hooks
 from .migrate import migrate, migrate_async, schema_required
 from .models import Job, JobOptions, RetryPolicy, validate_options, validate_task_name
@@ -239,6 +239,8 @@ class App:
                     open=True,
                     name="pgqueue",
                     check=ConnectionPool.check_connection,
+                    timeout=self.settings.connect_timeout,
+                    kwargs={"connect_timeout": max(1, round(self.settings.connect_timeout))},
                 )
             return self._pool
 
@@ -252,6 +254,8 @@ class App:
                 open=False,
                 name="pgqueue-async",
                 check=AsyncConnectionPool.check_connection,
+                timeout=self.settings.connect_timeout,
+                kwargs={"connect_timeout": max(1, round(self.settings.connect_timeout))},
             )
             await pool.open()
             self._async_pool = pool
@@ -259,21 +263,43 @@ class App:
 
     @contextmanager
     def _using(self, connection: Connection | None) -> Iterator[Connection]:
+        if connection is not None and not isinstance(connection, psycopg.Connection):
+            raise ConfigurationError(
+                f"expected a psycopg.Connection (or None for the app's pool), got "
+                f"{type(connection).__name__}: use the *_async methods with an AsyncConnection"
+            )
         with schema_required():
             if connection is not None:
                 yield connection
             else:
-                with self.pool().connection() as conn:
+                with self._pool_errors(), self.pool().connection() as conn:
                     yield conn
 
     @asynccontextmanager
     async def _using_async(self, connection: AsyncConnection | None) -> AsyncIterator[AsyncConnection]:
+        if connection is not None and not isinstance(connection, psycopg.AsyncConnection):
+            raise ConfigurationError(
+                f"expected a psycopg.AsyncConnection (or None for the app's pool), got "
+                f"{type(connection).__name__}: use the methods without _async with a Connection"
+            )
         with schema_required():
             if connection is not None:
                 yield connection
             else:
-                async with (await self.async_pool()).connection() as conn:
-                    yield conn
+                with self._pool_errors():
+                    async with (await self.async_pool()).connection() as conn:
+                        yield conn
+
+    @contextmanager
+    def _pool_errors(self) -> Iterator[None]:
+        """A pool that cannot hand out a connection in time: the database is down or full."""
+        try:
+            yield
+        except PoolTimeout as error:
+            raise DatabaseUnavailableError(
+                f"no database connection within {self.settings.connect_timeout:g}s "
+                f"(PGQUEUE_CONNECT_TIMEOUT) for {redact(self.dsn)}: {error}"
+            ) from error
 
     def close(self) -> None:
         """Close the app's sync pool (the async one needs `aclose`)."""

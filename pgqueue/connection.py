@@ -91,6 +91,9 @@ class WorkerConnection:
                 autocommit=True,
                 connect_timeout=max(1, int(self.timeout)),
                 application_name=f"pgqueue-{self.role}",
+                # unacknowledged data for longer than a call may take: the kernel drops
+                # the link (a silent cut), instead of retransmitting for minutes
+                tcp_user_timeout=int(self.timeout * 1000),
                 **KEEPALIVES,
             )
         return self._connection

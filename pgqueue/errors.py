@@ -19,6 +19,10 @@ class ConfigurationError(PgQueueError, ValueError):
     """A setting is wrong: bad DSN, bad import path, missing extra."""
 
 
+class DatabaseUnavailableError(PgQueueError):
+    """The database cannot be reached in time (down, unreachable, or out of connections)."""
+
+
 class SchemaError(PgQueueError):
     """The database schema does not fit this version of pgqueue."""
 

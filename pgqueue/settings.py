@@ -42,6 +42,12 @@ class Settings(BaseSettings):
         default=30.0, ge=0, description="seconds running jobs get to finish after SIGTERM/SIGINT"
     )
     pool_size: int = Field(default=4, ge=1, description="connections in the app's producer pool")
+    connect_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        description="seconds a producer waits for a connection from the app's pool before it gives up "
+        "with DatabaseUnavailableError (a web request must not hang on a database that is down)",
+    )
     statement_timeout: float = Field(
         default=30.0, gt=0, description="seconds a worker waits on one database call before reconnecting"
     )

@@ -357,3 +357,37 @@ def test_producers_on_an_unmigrated_database_get_a_typed_error(empty_dsn: str) -
             assert connection.execute("select 1").fetchone() == (1,)  # still usable after rollback
     finally:
         app.close()
+
+
+def test_a_producer_gives_up_on_a_database_that_is_down_with_a_typed_error() -> None:
+    from pgqueue import DatabaseUnavailableError, Settings
+
+    app, send_welcome = make_app(Settings(dsn="postgresql://postgres@127.0.0.1:1/nowhere", connect_timeout=1))
+    with pytest.raises(DatabaseUnavailableError, match="no database connection within 1s"):
+        send_welcome.enqueue(None, user_id=1)
+
+    async def enqueue_async() -> None:
+        try:
+            await send_welcome.enqueue_async(None, user_id=1)
+        finally:
+            await app.aclose()
+
+    with pytest.raises(DatabaseUnavailableError, match="PGQUEUE_CONNECT_TIMEOUT"):
+        asyncio.run(enqueue_async())
+
+
+def test_the_wrong_kind_of_connection_is_a_typed_error(settings: Any, dsn: str) -> None:
+    _, send_welcome = make_app(settings)
+
+    async def scenario() -> None:
+        async with await psycopg.AsyncConnection.connect(dsn) as async_connection:
+            with pytest.raises(ConfigurationError, match="use the \\*_async methods"):
+                send_welcome.enqueue(async_connection, user_id=1)  # type: ignore[arg-type]
+        with (
+            psycopg.connect(dsn) as connection,
+            pytest.raises(ConfigurationError, match="without _async"),
+        ):
+            await send_welcome.enqueue_async(connection, user_id=1)  # type: ignore[arg-type]
+
+    asyncio.run(scenario())
+    assert count_jobs(dsn) == 0
