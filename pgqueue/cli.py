@@ -55,6 +55,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (job ids, limits)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
+    return value
+
+
 def _error(message: str) -> None:
     print(f"pgqueue: error: {message}", file=sys.stderr)
 
@@ -110,15 +121,15 @@ def _parser() -> argparse.ArgumentParser:
 
     for name, text in (("cancel", "cancel a queued job"), ("retry", "requeue a dead or cancelled job")):
         command = commands.add_parser(name, help=text)
-        command.add_argument("job_id", type=int)
+        command.add_argument("job_id", type=_positive_int)
         command.set_defaults(handler=_cancel if name == "cancel" else _retry)
 
     command = commands.add_parser("job", help="show one job as JSON")
-    command.add_argument("job_id", type=int)
+    command.add_argument("job_id", type=_positive_int)
     command.set_defaults(handler=_job)
 
     command = commands.add_parser("dead", help="list the dead letter (newest first)")
-    command.add_argument("--limit", type=int, default=20)
+    command.add_argument("--limit", type=_positive_int, default=20, help="jobs listed (default 20)")
     command.add_argument(
         "--retry-all", action="store_true", help="requeue every dead job (not only the listed ones)"
     )

@@ -127,6 +127,11 @@ def test_dead_letter_listing_and_redrive_of_more_than_one_page(
         (["enqueue", "record", "--app", "tests.sample_app"], "module:attribute"),
         (["worker", "tests.sample_app:app", "--queues", "bad queue"], "invalid queue name"),
         (["worker", "tests.sample_app:app", "--concurrency", "0"], "concurrency"),
+        (["worker", "tests.sample_app:app", "--poll-interval", "0"], "poll_interval"),
+        (["worker", "tests.sample_app:app", "--lease-seconds", "-1"], "lease_seconds"),
+        (["dead", "--limit", "-5"], "at least 1"),
+        (["job", "zero"], "whole number"),
+        (["retry", "0"], "at least 1"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_2(dsn: str, arguments: list[str], message: str) -> None:

@@ -203,15 +203,34 @@ def test_sql_enqueue_function_for_psql_and_triggers(connection: psycopg.Connecti
     assert tasks == [("1",), ("2",)]
 
 
-def test_sql_enqueue_rejects_bad_input(connection: psycopg.Connection[Any]) -> None:
-    with pytest.raises(psycopg.errors.InvalidParameterValue, match="delay must not be negative"):
-        connection.execute("select pgqueue.enqueue('t', delay => interval '-1 second')")
-    with pytest.raises(psycopg.errors.InvalidParameterValue, match="priority"):
-        connection.execute("select pgqueue.enqueue('t', priority => 100000)")
-    with pytest.raises(psycopg.errors.CheckViolation, match="jobs_args_object"):
-        connection.execute("select pgqueue.enqueue('t', '[1, 2]'::jsonb)")
-    with pytest.raises(psycopg.errors.InvalidParameterValue, match="queue names"):
-        connection.execute("select pgqueue.enqueue('t', queue => 'bad queue; drop table x')")
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        ("'t', delay => interval '-1 second'", "delay must not be negative"),
+        ("'t', delay => interval '11 years'", "delay is capped at 10 years"),
+        ("'t', priority => 100000", "priority must be between"),
+        ("'t', priority => null", "priority must be between"),
+        ("'t', '[1, 2]'::jsonb", "args must be a JSON object"),
+        ("'t', '\"text\"'::jsonb", "got a JSON string"),
+        ("'t', queue => 'bad queue; drop table x'", "queue names"),
+        ("'bad task name'", "task names"),
+        ("'t', run_at => 'infinity'", "run_at must be a real time"),
+        ("'t', run_at => now() + interval '11 years'", "run_at is capped"),
+        ("'t', run_at => now(), delay => interval '1 minute'", "not both"),
+        ("'t', max_attempts => 0", "max_attempts must be at least 1"),
+        ("'t', timeout_seconds => 0", "timeout_seconds must be more than 0"),
+        ("'t', backoff_base_seconds => -1", "backoff_base_seconds and backoff_max_seconds"),
+        ("'t', backoff_jitter => 2", "backoff_jitter must be between 0 and 1"),
+    ],
+)
+def test_sql_enqueue_answers_every_bad_argument_with_one_clear_message(
+    connection: psycopg.Connection[Any], call: str, message: str
+) -> None:
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match=message) as raised:
+        connection.execute(f"select pgqueue.enqueue({call})")
+    assert str(raised.value).startswith("pgqueue.enqueue: ")  # never a raw constraint name
+    row = connection.execute("select count(*) from pgqueue.jobs").fetchone()
+    assert row == (0,)
 
 
 def notifications_until_sentinel(dsn: str, listener: psycopg.Connection[Any]) -> list[tuple[str, str]]:
