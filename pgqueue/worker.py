@@ -357,7 +357,8 @@ class Worker:
         log.debug("job %d %s: %s in %.3fs", job.id, job.task, outcome.kind, seconds)
         self.jobs_done += 1
         self._completer.add(outcome)
-        hooks.emit(JobFinished(self.worker_id, job, outcome, seconds))
+        if hooks.wants(JobFinished):
+            hooks.emit(JobFinished(self.worker_id, job, outcome, seconds))
 
     async def _attempt(self, job: ClaimedJob, context: JobContext) -> Outcome:
         task = self.app.tasks.get(job.task)
