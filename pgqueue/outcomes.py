@@ -148,4 +148,7 @@ def failure(
 def describe(error: BaseException) -> str:
     """`Type: message`, or just `Type` when the message is empty."""
     text = str(error)
+    if isinstance(getattr(error, "type_name", None), str):
+        return text  # a process child's exception that travelled as tasks.ChildError: its own type
+
     return f"{type(error).__name__}: {text}" if text else type(error).__name__

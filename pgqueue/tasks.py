@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pickle
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
@@ -165,13 +166,38 @@ def _plain_parameters(signature: inspect.Signature) -> tuple[frozenset[str], fro
     return names, required
 
 
+class ChildError(Exception):
+    """A process-pool handler's exception that could not cross back to the worker as itself.
+
+    The pool pickles what a child raises; an exception that cannot be pickled (or
+    unpickled: a custom `__init__` with required arguments) would otherwise turn into
+    a pickling error, or break the whole pool. This one carries its type and message.
+    """
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(f"{type_name}: {message}" if message else type_name)
+        self.type_name = type_name
+        self.message = message
+
+    def __reduce__(self) -> tuple[type[ChildError], tuple[str, str]]:
+        return (ChildError, (self.type_name, self.message))
+
+
 def run_in_process(module: str, qualname: str, stored: dict[str, Any], context: JobContext) -> Any:
     """Entry point of a process-pool job: find the task by import path and run it."""
     _current.set(context)  # current_job() works in the child too
     target: Any = importlib.import_module(module)
     for part in qualname.split("."):
         target = getattr(target, part)
-    if isinstance(target, Task):
-        args, kwargs = target.call_arguments(stored)
-        return target.function(*args, **kwargs)
-    return target(**stored)
+    try:
+        if isinstance(target, Task):
+            args, kwargs = target.call_arguments(stored)
+            return target.function(*args, **kwargs)
+        return target(**stored)
+    except BaseException as error:
+        try:
+            pickle.loads(pickle.dumps(error))
+        except Exception:
+            kind = type(error)
+            raise ChildError(f"{kind.__module__}.{kind.__qualname__}", str(error)) from error
+        raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -78,3 +79,25 @@ def cpu_hang(marker: str) -> None:
     """Never finishes on its own; leaves its pid in `marker` to check it was stopped."""
     Path(marker).write_text(str(os.getpid()))
     time.sleep(600)
+
+
+class LockedError(Exception):
+    """Cannot be pickled: it holds a lock."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+class PickyError(Exception):
+    """Pickles, but cannot be unpickled: its __init__ wants two arguments."""
+
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(f"code {code}: {detail}")
+
+
+@app.task(name="cpu_unpicklable", executor="process", max_attempts=1)
+def cpu_unpicklable(picky: bool) -> None:
+    if picky:
+        raise PickyError(7, "upstream said no")
+    raise LockedError("holding a lock")

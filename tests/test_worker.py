@@ -499,6 +499,24 @@ def test_retry_and_crashes_in_process_pool_handlers(sample: App, dsn: str, tmp_p
     assert app.get_job(after_crash).result == 4950  # a fresh pool took over
 
 
+@pytest.mark.slow
+def test_an_exception_that_cannot_cross_back_from_a_child_is_still_the_jobs_failure(
+    sample: App, dsn: str
+) -> None:
+    app = sample
+    with running_worker(app, concurrency=2):
+        locked = app.enqueue(None, "cpu_unpicklable", {"picky": False})
+        picky = app.enqueue(None, "cpu_unpicklable", {"picky": True})
+        wait_for_states(dsn, [locked, picky], timeout=60)
+        after = app.enqueue(None, "cpu", {"n": 10})  # the pool still works
+        wait_for_states(dsn, [after], timeout=60)
+    errors = [app.get_job(job_id).errors[0] for job_id in (locked, picky)]
+    assert errors[0]["error"] == "tests.sample_app.LockedError: holding a lock"
+    assert errors[1]["error"] == "tests.sample_app.PickyError: code 7: upstream said no"
+    assert all("Traceback" in (error["traceback"] or "") for error in errors)
+    assert app.get_job(after).result == 45
+
+
 def test_a_read_only_database_pauses_the_worker_instead_of_ending_it(
     app: App, dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
