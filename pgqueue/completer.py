@@ -141,6 +141,8 @@ class Completer:
                         "error": f"the {outcome.kind} outcome could not be stored: {error}",
                         "traceback": None,
                     },
+                    started_at=outcome.started_at,
+                    ended_at=outcome.ended_at,
                 )
             try:
                 rows += await self._connection.fetch(query("complete_jobs"), self._params([failure]))
@@ -161,6 +163,8 @@ class Completer:
                 None if outcome.error is None else json.dumps(outcome.error, default=str) for outcome in batch
             ],
             "retry_in": [outcome.retry_in for outcome in batch],
+            "started_at": [outcome.started_at for outcome in batch],
+            "ended_at": [outcome.ended_at for outcome in batch],
             "now": None,
         }
 

@@ -47,9 +47,15 @@ class Executors:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         timeout: float | None,
+        on_start: Callable[[], None],
     ) -> Any:
-        """The handler's return value; raises what it raised, or TimedOut."""
+        """The handler's return value; raises what it raised, or TimedOut.
+
+        `on_start` is called when the handler really begins: after waiting for a free
+        thread or process, which neither its timeout nor its run time counts.
+        """
         if task.executor == "async":
+            on_start()
             return await _run_async(task, args, kwargs, timeout)
         loop = asyncio.get_running_loop()
         process = task.executor == "process"
@@ -62,6 +68,7 @@ class Executors:
         else:
             call = functools.partial(contextvars.copy_context().run, task.function, *args, **kwargs)
         await gate.acquire()
+        on_start()
         try:
             future = self._submit(call, process)
         except BaseException:

@@ -192,6 +192,8 @@ class Job:
     finished_at: datetime | None
     result: Any
     errors: list[dict[str, Any]] = field(default_factory=list)
+    # one entry per attempt that ran: attempt, worker, outcome, started_at, ended_at, seconds
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> Job:

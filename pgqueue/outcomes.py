@@ -8,7 +8,7 @@ import logging
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from .errors import InvalidJobError
@@ -64,6 +64,9 @@ class Outcome:
     result_json: str | None = None
     error: dict[str, Any] | None = None
     retry_in: float | None = None
+    # when the handler began and ended (None: it never started, e.g. handed back unrun)
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
 
 
 async def outcome_of(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -379,10 +380,23 @@ class Worker:
                 f"{self.worker_id}: {error}",
             )
 
-        def call() -> Any:
-            return self._executors.run(task, context, job.args, args, kwargs, job.timeout_seconds)
+        started: list[datetime] = []
 
-        return await outcome_of(job, call, releasing=lambda: self._releasing)
+        def call() -> Any:
+            return self._executors.run(
+                task,
+                context,
+                job.args,
+                args,
+                kwargs,
+                job.timeout_seconds,
+                on_start=lambda: started.append(datetime.now(UTC)),
+            )
+
+        outcome = await outcome_of(job, call, releasing=lambda: self._releasing)
+        if not started:
+            return outcome
+        return dataclasses.replace(outcome, started_at=started[0], ended_at=datetime.now(UTC))
 
     def _hand_back(self, job: ClaimedJob, kind: str, message: str) -> Outcome:
         """A job this worker cannot run goes back for one that can (a rolling deploy, a queue

@@ -35,10 +35,10 @@ select id, task, args, queue, priority, attempt, max_attempts, timeout_seconds, 
 from pgqueue.claim_jobs(%(worker)s, %(queues)s, %(limit)s, %(lease_seconds)s, %(now)s)
 
 -- name: complete_jobs
--- Record a batch of outcomes in one statement.
-select id, state, run_at from pgqueue.complete_jobs(
+-- Record a batch of outcomes in one statement, with when each handler began and ended.
+select id, state, run_at from pgqueue.complete_jobs_v2(
     %(worker)s, %(ids)s, %(attempts)s, %(outcomes)s, %(results)s::jsonb[], %(errors)s::jsonb[],
-    %(retry_in)s::double precision[], %(now)s)
+    %(retry_in)s::double precision[], %(started_at)s::timestamptz[], %(ended_at)s::timestamptz[], %(now)s)
 
 -- name: heartbeat
 -- Extend the leases of this worker's running jobs; returns the ids it still holds.
@@ -69,7 +69,7 @@ from pgqueue.jobs where state = 'queued' and queue = any(%(queues)s)
 -- name: get_job
 -- One job by id.
 select id, task, args, queue, priority, state, attempt, max_attempts, run_at, timeout_seconds,
-       worker, lease_expires_at, created_at, started_at, finished_at, result, errors
+       worker, lease_expires_at, created_at, started_at, finished_at, result, errors, history
 from pgqueue.jobs where id = %(id)s
 
 -- name: cancel_job

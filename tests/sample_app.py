@@ -101,3 +101,10 @@ def cpu_unpicklable(picky: bool) -> None:
     if picky:
         raise PickyError(7, "upstream said no")
     raise LockedError("holding a lock")
+
+
+@app.task(name="cpu_sleep", executor="process")
+def cpu_sleep(seconds: float) -> str:
+    """Holds a process-pool child for `seconds`."""
+    time.sleep(seconds)
+    return "slept"

@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -605,3 +606,50 @@ def test_the_test_helper_fails_loudly_when_its_worker_does_not_stop_in_time(app:
         assert started.wait(10)
     assert worker_threads() == 0  # forced, then joined: nothing leaks into the next test
     assert app.get_job(job_id).state is JobState.QUEUED  # the forced stop handed the job back
+
+
+@pytest.mark.slow
+def test_times_tell_the_truth_and_every_attempt_is_kept(sample: App, dsn: str) -> None:
+    """A process job waiting for a free CPU is not charged for the wait; every attempt is history."""
+    import os
+
+    app = sample
+    slots = min(2, os.cpu_count() or 1)  # the pool has one child per CPU, at most the concurrency
+    with running_worker(app, concurrency=slots * 3):
+        # more CPU-bound jobs than children: the last ones wait for a free child
+        ids = [app.enqueue(None, "cpu_sleep", {"seconds": 0.5}) for _ in range(slots * 2)]
+        wait_for_states(dsn, ids, timeout=60)
+    jobs = sorted((app.get_job(job_id) for job_id in ids), key=lambda job: job.started_at or job.run_at)
+    for job in jobs:
+        (entry,) = job.history
+        assert entry["outcome"] == "succeeded" and entry["attempt"] == 1
+        # each ran about half a second, however long it waited for its child
+        assert 0.45 <= entry["seconds"] < 5, entry
+    # the jobs that waited started once a child was free, not when they were claimed
+    assert jobs[-1].started_at is not None and jobs[0].started_at is not None
+    assert (jobs[-1].started_at - jobs[0].started_at).total_seconds() >= 0.45
+    with psycopg.connect(dsn) as connection:
+        rows = connection.execute(
+            "select task, count(*), min(seconds) >= 0.45 from pgqueue.attempts group by task"
+        ).fetchall()
+    assert rows == [("cpu_sleep", slots * 2, True)]
+
+
+def test_failed_and_retried_attempts_are_in_the_history_too(app: App, dsn: str) -> None:
+    @app.task(name="second_time_lucky", max_attempts=3, retry=RetryPolicy.fixed(0))
+    async def second_time_lucky() -> str:
+        if current_job().attempt == 1:
+            raise ValueError("first attempt fails")
+        return "ok"
+
+    job_id = second_time_lucky.enqueue(None)
+    with running_worker(app):
+        wait_for_states(dsn, [job_id], ["succeeded"])
+    job = app.get_job(job_id)
+    assert [(entry["attempt"], entry["outcome"]) for entry in job.history] == [
+        (1, "failed"),
+        (2, "succeeded"),
+    ]
+    assert all(entry["worker"] == job.worker for entry in job.history)
+    # the job's started_at is its last attempt's start
+    assert job.started_at == datetime.fromisoformat(job.history[-1]["started_at"])
