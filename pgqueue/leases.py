@@ -67,9 +67,9 @@ class Heartbeat:
             # not a lost connection: log it loudly, but a heartbeat must never stop for good
             log.exception("heartbeat failed")
             return
-        extended = {int(row[0]) for row in rows}
+        still_mine = {int(row[0]) for row in rows}
         # Only jobs still running here can have been lost: one that finished meanwhile
-        # may have had its outcome stored (and its row left 'running') before this call.
-        lost = (running_before & self._running()) - extended
+        # may have had its outcome stored (its row no longer 'running') before this call.
+        lost = (running_before & self._running()) - still_mine
         if lost:
             self._lost(lost)

@@ -41,8 +41,9 @@ select id, state, run_at from pgqueue.complete_jobs_v2(
     %(retry_in)s::double precision[], %(started_at)s::timestamptz[], %(ended_at)s::timestamptz[], %(now)s)
 
 -- name: heartbeat
--- Extend the leases of this worker's running jobs; returns the ids it still holds.
-select pgqueue.heartbeat(%(worker)s, %(ids)s, %(lease_seconds)s, %(now)s)
+-- Extend the leases of this worker's running jobs (skipping rows a completion is writing);
+-- returns every id still this worker's, and whether its lease was extended.
+select id, extended from pgqueue.heartbeat_v2(%(worker)s, %(ids)s, %(lease_seconds)s, %(now)s)
 
 -- name: release_orphans
 -- Hand back jobs this worker holds but does not run (after a claim whose reply was lost).

@@ -152,3 +152,23 @@ def _state(dsn: str) -> str:
     with psycopg.connect(dsn, autocommit=True) as connection:
         row = connection.execute("select state::text from pgqueue.jobs where task = 'orphan'").fetchone()
     return str(row[0]) if row else ""
+
+
+@pytest.mark.slow
+def test_heartbeats_and_completions_never_deadlock_under_load(
+    new_app: Callable[..., App], dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a heartbeat every 0.2 s over jobs whose outcomes are being flushed all the time
+    app = new_app(lease_seconds=0.6, rescue_interval=0.6, poll_interval=0.1)
+
+    @app.task(name="quick")
+    async def quick(n: int) -> int:
+        await asyncio.sleep(0.001 * (n % 7))
+        return n
+
+    ids = quick.enqueue_many(None, [{"n": n} for n in range(3000)])
+    with caplog.at_level(logging.WARNING, "pgqueue"), running_worker(app, concurrency=100):
+        states = wait_for_states(dsn, ids, timeout=120)
+    assert set(states.values()) == {"succeeded"}
+    problems = [r.getMessage() for r in caplog.records if "deadlock" in r.getMessage().lower()]
+    assert problems == []

@@ -334,3 +334,23 @@ def test_one_leader_at_a_time_until_its_lease_runs_out(connection: psycopg.Conne
     assert lead("a", T0 + timedelta(seconds=27)) is False
     connection.execute("select pgqueue.resign('maintenance', 'b')")
     assert lead("a", T0 + timedelta(seconds=28)) is True  # no wait after a resignation
+
+
+def test_heartbeat_never_waits_for_a_row_a_completion_is_writing(
+    connection: psycopg.Connection[Any], dsn: str
+) -> None:
+    mine, busy, theirs = (enqueue(connection, run_at=T0) for _ in range(3))
+    claim(connection, T0, worker="me", limit=2, lease=5)
+    claim(connection, T0, worker="them", limit=1, lease=5)
+    with psycopg.connect(dsn) as completion:  # holds the row lock a flush would hold
+        completion.execute("select 1 from pgqueue.jobs where id = %s for update", (busy,))
+        connection.execute("set statement_timeout = '5s'")  # waiting would fail the test
+        rows = connection.execute(
+            "select id, extended from pgqueue.heartbeat_v2('me', %s, 5, %s) order by id",
+            ([mine, busy, theirs], T0 + timedelta(seconds=4)),
+        ).fetchall()
+        connection.execute("reset statement_timeout")
+    # the busy row is still mine but was left alone; the other worker's job is not mine
+    assert rows == [(mine, True), (busy, False)]
+    assert job(connection, mine)[4] == T0 + timedelta(seconds=9)
+    assert job(connection, busy)[4] == T0 + timedelta(seconds=5)
