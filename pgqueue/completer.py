@@ -109,6 +109,10 @@ class Completer:
                             continue  # rows already recorded match nothing the second time
                     if backoff.failures:
                         log.info("database reachable again: recorded %d job outcome(s)", len(rows))
+                        if len(rows) < len(self._in_flight):
+                            # an earlier call may have committed with its reply lost: those
+                            # outcomes are in, not "lost with the lease"
+                            rows = rows + await self._recorded_before(self._in_flight, rows)
                     backoff.reset()
                     self._report(self._in_flight, rows, time.monotonic() - started)
                     break
@@ -122,6 +126,24 @@ class Completer:
             self._flusher = None
             if not self._pending or self.abandon:
                 self._idle.set()
+
+    async def _recorded_before(
+        self, batch: list[Outcome], rows: list[tuple[Any, ...]]
+    ) -> list[tuple[Any, ...]]:
+        """Rows for the outcomes of `batch` (not in `rows`) that a lost reply had recorded."""
+        recorded = {row[0] for row in rows}
+        missing = [outcome for outcome in batch if outcome.job_id not in recorded]
+        try:
+            return await self._connection.fetch(
+                query("recorded_attempts"),
+                {
+                    "worker": self._worker_id,
+                    "ids": [outcome.job_id for outcome in missing],
+                    "attempts": [outcome.attempt for outcome in missing],
+                },
+            )
+        except (DatabaseUnavailable, psycopg.Error):
+            return []  # only the warnings below are at stake
 
     async def _record_one_by_one(self, batch: list[Outcome]) -> list[tuple[Any, ...]]:
         rows: list[tuple[Any, ...]] = []

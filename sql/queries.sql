@@ -116,3 +116,11 @@ with batch as materialized (
     for update skip locked
 )
 select count(*) filter (where pgqueue.retry_job(id)), max(id) from batch
+
+-- name: recorded_attempts
+-- Which of these attempts already have their outcome recorded by this worker (a call
+-- whose reply was lost had committed): each leaves an entry in the job's history.
+select o.id, null::pgqueue.job_state, null::timestamptz
+from unnest(%(ids)s::bigint[], %(attempts)s::integer[]) as o(id, attempt)
+join pgqueue.jobs j on j.id = o.id
+where j.history @> jsonb_build_array(jsonb_build_object('attempt', o.attempt, 'worker', %(worker)s::text))

@@ -139,6 +139,7 @@ class SeverableProxy:
         self.port = int(self.listener.getsockname()[1])
         self.generation = 0
         self.cut_now = False
+        self.replies_cut = False  # requests still reach the server, its answers are lost
         self.closing = False
         self.sockets: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
@@ -147,9 +148,15 @@ class SeverableProxy:
         self.cut_now = True
         self.generation += 1
 
+    def cut_replies(self) -> None:
+        """Lose only what the server sends: statements still arrive and commit."""
+        self.replies_cut = True
+        self.generation += 1
+
     def restore(self) -> None:
         self.generation += 1
         self.cut_now = False
+        self.replies_cut = False
 
     def close(self) -> None:
         self.closing = True
@@ -175,10 +182,12 @@ class SeverableProxy:
                 continue
             self.sockets += [client, upstream]
             generation = self.generation
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, sink, generation), daemon=True).start()
+            for source, sink, reply in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(
+                    target=self._pump, args=(source, sink, generation, reply), daemon=True
+                ).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket, generation: int) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, generation: int, reply: bool) -> None:
         while not self.closing:
             try:
                 ready, _, _ = select.select([source], [], [], 0.2)
@@ -191,7 +200,9 @@ class SeverableProxy:
                 with contextlib.suppress(OSError):
                     sink.shutdown(socket.SHUT_WR)
                 return
-            if self.cut_now or generation != self.generation:
+            if reply and self.replies_cut:
+                continue  # the answer is lost on the way back
+            if self.cut_now or (generation != self.generation and not self.replies_cut):
                 continue  # swallowed: the link is dead
             with contextlib.suppress(OSError):
                 sink.sendall(data)
@@ -555,3 +566,31 @@ def test_outcome_after_an_outage_longer_than_the_lease_is_ignored_and_the_rescue
     wait_for_success(dsn, [afterwards], cut_off)
     assert producer.get_job(afterwards).result == {"pid": cut_off.pid, "attempt": 1}
     stop_cleanly(cut_off)
+
+
+def test_an_outcome_whose_reply_was_lost_is_not_reported_as_a_lost_lease(
+    dsn: str, producer: App, proxy: SeverableProxy, worker_processes: WorkerProcesses, tmp_path: Path
+) -> None:
+    worker = worker_processes.start(
+        through(proxy, dsn), app=APP, environment={"PGQUEUE_STATEMENT_TIMEOUT": "1"}
+    )
+    # one job through first: the worker's connection for outcomes is opened by its first
+    # flush, and a handshake whose answers are lost would never send the statement
+    warm_up = resilience_app.gated.enqueue(None, gates=open_gates(tmp_path / "open"))
+    wait_for_success(dsn, [warm_up], worker)
+    gates = tmp_path / "gates"
+    gates.mkdir()  # closed: the test lets the attempt end
+    job_id = resilience_app.gated.enqueue(None, gates=str(gates))
+    wait_until(lambda: job_id in executed_ids(worker_processes, "start"), "the job to start", worker)
+
+    proxy.cut_replies()
+    gate_path(gates, 1).touch()
+    # the flush reaches the server and commits; only its answer is lost
+    wait_until(lambda: job_states(dsn, [job_id]) == {job_id: "succeeded"}, "the outcome to commit", worker)
+    worker.wait_for_output("could not record 1 job outcome(s)", timeout=TIMEOUT)
+    proxy.restore()
+    worker.wait_for_output("database reachable again: recorded", timeout=TIMEOUT)
+    job = stored_job(dsn, job_id)
+    assert (job.attempt, job.result, job.errors) == (1, {"pid": worker.pid, "attempt": 1}, [])
+    assert "lease was lost" not in worker.output(), worker.output()
+    stop_cleanly(worker)
