@@ -191,6 +191,17 @@ class Completer:
         }
 
     def _report(self, batch: list[Outcome], rows: list[tuple[Any, ...]], seconds: float) -> None:
+        dead = {row[0] for row in rows if row[1] == "dead"}
+        for outcome in batch:
+            if outcome.job_id in dead:
+                reason = outcome.error["error"] if outcome.error else outcome.kind
+                log.warning(
+                    "job %d dead-lettered after attempt %d (%s): %s",
+                    outcome.job_id,
+                    outcome.attempt,
+                    "no retry for this failure" if outcome.kind == "fatal" else "no attempts left",
+                    reason,
+                )
         if len(rows) != len(batch):
             recorded = {row[0] for row in rows}
             for outcome in batch:

@@ -70,7 +70,10 @@ def test_runs_async_sync_and_process_handlers_and_stores_results(app: App, dsn: 
 
 
 @pytest.mark.slow
-def test_failures_retry_with_backoff_then_dead_letter_then_requeue(app: App, dsn: str) -> None:
+def test_failures_retry_with_backoff_then_dead_letter_then_requeue(
+    app: App, dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "pgqueue")
     calls: list[int] = []
     fixed = {"succeed": False}
 
@@ -90,6 +93,11 @@ def test_failures_retry_with_backoff_then_dead_letter_then_requeue(app: App, dsn
         assert [error["attempt"] for error in job.errors] == [1, 2, 3]
         assert all("ValueError: order 7 failed" in error["error"] for error in job.errors)
         assert all("Traceback" in error["traceback"] for error in job.errors)
+        # the log says when and why it was dead-lettered
+        dead_lettered = [r.getMessage() for r in caplog.records if "dead-lettered" in r.getMessage()]
+        assert dead_lettered == [
+            f"job {job_id} dead-lettered after attempt 3 (no attempts left): ValueError: order 7 failed"
+        ]
         # redrive from the dead letter: attempts start over, history stays
         fixed["succeed"] = True
         assert app.retry(job_id) is True
