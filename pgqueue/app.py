@@ -138,8 +138,11 @@ class App:
             return registered.with_options(**options).prepare_kwargs(args or {})
         if self.tasks:
             raise UnknownTaskError(f"unknown task {task!r}: this app registers {sorted(self.tasks)}")
+        # a producer-only app: what the caller left out comes from the task's registration
         merged = JobOptions().merged(**options)
-        return producer.prepare(task, args or {}, merged)
+        prepared = producer.prepare(task, args or {}, merged)
+        given = frozenset(name for name, value in options.items() if value is not None)
+        return producer.PreparedJob(prepared.task, prepared.args_json, prepared.options, given)
 
     def enqueue(
         self, connection: Connection | None, task: str, args: dict[str, Any] | None = None, **options: Any

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -15,6 +16,8 @@ from .payloads import UnstorableJson, encode_json
 from .plans import Plan, atomic, atomic_async, drive, drive_async
 from .sql import query
 
+log = logging.getLogger("pgqueue")
+
 # Payloads larger than this are refused at the edge: a job row is read on every claim,
 # and big blobs belong in a table of their own with the job carrying the key.
 MAX_ARGS_BYTES = 1_000_000
@@ -27,9 +30,14 @@ class PreparedJob:
     task: str
     args_json: str
     options: JobOptions
+    # For a task this process does not know: the options the caller gave. The others
+    # come from the task's registration in the database (see insert_job_by_name).
+    given: frozenset[str] | None = None
 
     def params(self) -> dict[str, Any]:
         options = self.options
+        if self.given is not None:
+            return _by_name(self, self.given)
         return {
             "task": self.task,
             "args": self.args_json,
@@ -44,6 +52,24 @@ class PreparedJob:
             "backoff_max_seconds": options.retry.max,
             "backoff_jitter": options.retry.jitter,
         }
+
+
+_PARAMS_OF_OPTION = {
+    "queue": ("queue",),
+    "priority": ("priority",),
+    "max_attempts": ("max_attempts",),
+    "timeout": ("timeout_seconds",),
+    "retry": ("backoff", "backoff_base_seconds", "backoff_max_seconds", "backoff_jitter"),
+}
+
+
+def _by_name(job: PreparedJob, given: frozenset[str]) -> dict[str, Any]:
+    params = PreparedJob(job.task, job.args_json, job.options).params()
+    for option, names in _PARAMS_OF_OPTION.items():
+        if option not in given:
+            for name in names:
+                params[name] = None  # the registration's value, or the default
+    return params
 
 
 def encode_args(task: str, args: dict[str, Any]) -> str:
@@ -62,9 +88,20 @@ def prepare(task: str, args: dict[str, Any], options: JobOptions) -> PreparedJob
 
 
 def _insert_plan(job: PreparedJob) -> Plan[int]:
-    rows = yield query("insert_job"), job.params()
+    if job.given is None:
+        rows = yield query("insert_job"), job.params()
+        assert rows
+        return int(rows[0][0])
+    rows = yield query("insert_job_by_name"), job.params()
     assert rows
-    return int(rows[0][0])
+    job_id, registered = rows[0]
+    if not registered:
+        log.warning(
+            "enqueued job %d of task %r, which no worker has registered (yet): check the name",
+            job_id,
+            job.task,
+        )
+    return int(job_id)
 
 
 def insert(connection: psycopg.Connection[Any], job: PreparedJob) -> int:

@@ -152,6 +152,7 @@ class Worker:
         try:
             if not await self._wait_for_schema():
                 return
+            await self._register_tasks()
             log.info(
                 "worker %s started: queues %s, concurrency %d, %s",
                 self.worker_id,
@@ -179,6 +180,32 @@ class Worker:
                     self._loop.remove_signal_handler(signum)
             log.info("worker %s stopped after %d job(s)", self.worker_id, self.jobs_done)
             self.app.hooks.emit(WorkerStopped(self.worker_id, self.jobs_done))
+
+    async def _register_tasks(self) -> None:
+        """Record the tasks this worker serves, so enqueue by name applies their options."""
+        tasks = [task for name, task in sorted(self.app.tasks.items())]
+        if not tasks:
+            return
+        options = [task.default_options for task in tasks]
+        try:
+            await self._claimer.fetch(
+                query("register_tasks"),
+                {
+                    "worker": self.worker_id,
+                    "names": [task.name for task in tasks],
+                    "queues": [option.queue for option in options],
+                    "priorities": [option.priority for option in options],
+                    "max_attempts": [option.max_attempts for option in options],
+                    "timeouts": [option.timeout for option in options],
+                    "backoffs": [option.retry.kind for option in options],
+                    "bases": [option.retry.base for option in options],
+                    "maxes": [option.retry.max for option in options],
+                    "jitters": [option.retry.jitter for option in options],
+                },
+            )
+        except (DatabaseUnavailable, psycopg.Error) as error:
+            # enqueue by name falls back to defaults meanwhile; the next start tries again
+            log.warning("could not register this worker's tasks (%s)", describe(error))
 
     def _background_jobs(self, dsn: str) -> list[tuple[str, Any]]:
         """The loops that run beside the claim loop, each on a connection of its own."""

@@ -124,3 +124,44 @@ select o.id, null::pgqueue.job_state, null::timestamptz
 from unnest(%(ids)s::bigint[], %(attempts)s::integer[]) as o(id, attempt)
 join pgqueue.jobs j on j.id = o.id
 where j.history @> jsonb_build_array(jsonb_build_object('attempt', o.attempt, 'worker', %(worker)s::text))
+
+-- name: register_tasks
+-- A worker records the tasks it serves when it starts (the last worker to start wins).
+insert into pgqueue.tasks as t (
+    name, queue, priority, max_attempts, timeout_seconds,
+    backoff, backoff_base_seconds, backoff_max_seconds, backoff_jitter, registered_by
+)
+select n.*, %(worker)s
+from unnest(
+    %(names)s::text[], %(queues)s::text[], %(priorities)s::smallint[], %(max_attempts)s::integer[],
+    %(timeouts)s::double precision[], %(backoffs)s::pgqueue.backoff_kind[],
+    %(bases)s::double precision[], %(maxes)s::double precision[], %(jitters)s::real[]
+) as n
+on conflict (name) do update
+set queue = excluded.queue, priority = excluded.priority, max_attempts = excluded.max_attempts,
+    timeout_seconds = excluded.timeout_seconds, backoff = excluded.backoff,
+    backoff_base_seconds = excluded.backoff_base_seconds, backoff_max_seconds = excluded.backoff_max_seconds,
+    backoff_jitter = excluded.backoff_jitter, registered_by = excluded.registered_by, registered_at = now()
+
+-- name: insert_job_by_name
+-- Insert one job of a task this process does not know: options the caller left out come
+-- from the task as its workers registered it, then from the defaults. Also says whether
+-- any worker registered the name.
+with registered as (select * from pgqueue.tasks where name = %(task)s)
+insert into pgqueue.jobs (
+    task, args, queue, priority, run_at, max_attempts, timeout_seconds,
+    backoff, backoff_base_seconds, backoff_max_seconds, backoff_jitter
+)
+select
+    %(task)s, %(args)s::jsonb, coalesce(%(queue)s, r.queue, 'default'),
+    coalesce(%(priority)s::smallint, r.priority, 0),
+    coalesce(%(run_at)s::timestamptz, now()) + make_interval(secs => %(delay)s::double precision),
+    coalesce(%(max_attempts)s::integer, r.max_attempts, 10),
+    coalesce(%(timeout_seconds)s::double precision, r.timeout_seconds),
+    coalesce(%(backoff)s::pgqueue.backoff_kind, r.backoff, 'exponential'),
+    coalesce(%(backoff_base_seconds)s::double precision, r.backoff_base_seconds, 1),
+    coalesce(%(backoff_max_seconds)s::double precision, r.backoff_max_seconds, 3600),
+    coalesce(%(backoff_jitter)s::real, r.backoff_jitter, 0.1)
+from (values (1)) as one
+left join registered r on true
+returning id, exists (select 1 from registered)

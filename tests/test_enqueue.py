@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -209,7 +210,6 @@ def test_sql_enqueue_function_for_psql_and_triggers(connection: psycopg.Connecti
         ("'t', delay => interval '-1 second'", "delay must not be negative"),
         ("'t', delay => interval '11 years'", "delay is capped at 10 years"),
         ("'t', priority => 100000", "priority must be between"),
-        ("'t', priority => null", "priority must be between"),
         ("'t', '[1, 2]'::jsonb", "args must be a JSON object"),
         ("'t', '\"text\"'::jsonb", "got a JSON string"),
         ("'t', queue => 'bad queue; drop table x'", "queue names"),
@@ -410,3 +410,51 @@ def test_the_wrong_kind_of_connection_is_a_typed_error(settings: Any, dsn: str) 
 
     asyncio.run(scenario())
     assert count_jobs(dsn) == 0
+
+
+def test_enqueue_by_name_applies_the_options_its_workers_registered(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pgqueue import Settings
+    from pgqueue.testing import running_worker
+
+    worker_app = App(Settings(dsn=dsn))
+
+    @worker_app.task(
+        name="reports.build",
+        queue="reports",
+        priority=10,
+        max_attempts=4,
+        timeout=60,
+        retry=RetryPolicy.fixed(5),
+    )
+    async def build(day: str) -> None: ...
+
+    producer = App(Settings(dsn=dsn))  # knows no task: a web app that only enqueues
+    try:
+        with running_worker(worker_app, queues=["elsewhere"]):  # registers, runs nothing here
+            pass
+        with psycopg.connect(dsn, autocommit=True) as connection:
+            from_sql = connection.execute("select pgqueue.enqueue('reports.build', '{\"day\": \"mon\"}')")
+            (sql_id,) = from_sql.fetchone() or (None,)
+        from_python = producer.enqueue(None, "reports.build", {"day": "tue"})
+        overridden = producer.enqueue(None, "reports.build", {"day": "wed"}, priority="low", max_attempts=1)
+        with caplog.at_level(logging.WARNING, "pgqueue"):
+            typo = producer.enqueue(None, "reports.biuld", {"day": "thu"})
+        assert any("no worker has registered (yet)" in r.getMessage() for r in caplog.records)
+        with psycopg.connect(dsn, autocommit=True) as connection:
+            rows = connection.execute(
+                "select id, queue, priority, max_attempts, timeout_seconds, backoff::text,"
+                " backoff_base_seconds from pgqueue.jobs order by id"
+            ).fetchall()
+        registered = ("reports", 10, 4, 60.0, "fixed", 5.0)
+        assert [row[1:] for row in rows] == [
+            registered,  # SQL
+            registered,  # a producer-only App
+            ("reports", -10, 1, 60.0, "fixed", 5.0),  # what the caller said wins
+            ("default", 0, 10, None, "exponential", 1.0),  # unknown: defaults, and a warning
+        ]
+        assert [row[0] for row in rows] == [sql_id, from_python, overridden, typo]
+    finally:
+        producer.close()
+        worker_app.close()

@@ -2,7 +2,7 @@
 
 The worker runs on an event loop whose clock never moves, so no `asyncio.sleep`,
 timeout or `call_later` can ever fire: whatever gets done, gets done without a timer.
-The server counts the calls of `pgqueue.complete_jobs` (track_functions), so the
+The server counts the calls of `pgqueue.complete_jobs_v2` (track_functions), so the
 number of flushes is the database's word, not the worker's.
 """
 
@@ -59,7 +59,7 @@ def complete_jobs_calls(dsn: str) -> int:
     with psycopg.connect(dsn, autocommit=True) as connection:
         row = connection.execute(
             "select coalesce(sum(calls), 0) from pg_stat_user_functions"
-            " where schemaname = 'pgqueue' and funcname = 'complete_jobs'"
+            " where schemaname = 'pgqueue' and funcname = 'complete_jobs_v2'"
         ).fetchone()
     return int(row[0]) if row else 0
 
