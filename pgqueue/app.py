@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import inspect
+import logging
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar, overload
 
 import psycopg
@@ -21,6 +24,8 @@ from .plans import Plan, drive, drive_async
 from .settings import Settings
 from .sql import query
 from .tasks import Executor, Task
+
+log = logging.getLogger("pgqueue")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -103,7 +108,7 @@ class App:
                     "retry": retry or RetryPolicy(),
                 }
             )
-            task_name = validate_task_name(name or f"{target.__module__}.{target.__qualname__}")
+            task_name = validate_task_name(name or f"{_module_name(target)}.{target.__qualname__}")
             if task_name in self.tasks:
                 raise ConfigurationError(f"a task named {task_name!r} is already registered")
             chosen = executor or ("async" if inspect.iscoroutinefunction(target) else "thread")
@@ -338,3 +343,32 @@ def _control_plan(name: Literal["cancel_job", "retry_job"], job_id: int) -> Plan
     if not exists:
         raise JobNotFoundError(f"no job with id {job_id}")
     return False
+
+
+def _module_name(target: Callable[..., Any]) -> str:
+    """The module a worker will import `target` from: for a script run as `__main__`, its
+    own name (`python -m reports.jobs` → reports.jobs; `python jobs.py` → jobs), so that
+    the job's task name is one a worker that imports the module also knows."""
+    module = target.__module__
+    if module != "__main__":
+        return module
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:
+        return str(spec.name)
+    path = getattr(main, "__file__", None)
+    if path:
+        name = Path(path).stem
+        log.warning(
+            "task %r is defined in a script run directly: named %s.%s, as a worker importing "
+            "module %r knows it; give it name=... to be explicit",
+            target.__qualname__,
+            name,
+            target.__qualname__,
+            name,
+        )
+        return name
+    raise ConfigurationError(
+        f"task {target.__qualname__!r} is defined in an interactive session (module __main__): "
+        "no worker can import it; give it name=... and define it in a module"
+    )

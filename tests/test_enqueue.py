@@ -458,3 +458,29 @@ def test_enqueue_by_name_applies_the_options_its_workers_registered(
     finally:
         producer.close()
         worker_app.close()
+
+
+def test_a_task_in_a_script_run_directly_gets_the_name_a_worker_knows(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import subprocess_environment
+
+    (tmp_path / "nightly.py").write_text(
+        "import pgqueue\n"
+        "app = pgqueue.App(dsn='postgresql://unused@127.0.0.1:1/x')\n"
+        "@app.task\n"
+        "def rebuild() -> None: ...\n"
+        "print(rebuild.name)\n"
+    )
+    for command, warned in (
+        ([sys.executable, "nightly.py"], True),
+        ([sys.executable, "-m", "nightly"], False),
+    ):
+        result = subprocess.run(
+            command, cwd=tmp_path, capture_output=True, text=True, timeout=60, env=subprocess_environment()
+        )
+        assert result.returncode == 0, result.stderr
+        # not "__main__.rebuild", which no worker importing the module would know
+        assert result.stdout.strip() == "nightly.rebuild"
+        assert ("give it name=" in result.stderr) is warned, result.stderr
