@@ -55,6 +55,10 @@ class Completer:
         """Jobs whose outcome is known here but not yet in the database (their leases must hold)."""
         return [outcome.job_id for outcome in (*self._in_flight, *self._pending)]
 
+    def unrecorded(self) -> list[tuple[int, int]]:
+        """(job id, attempt) of each outcome not yet in the database."""
+        return [(outcome.job_id, outcome.attempt) for outcome in (*self._in_flight, *self._pending)]
+
     async def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until every outcome added so far is recorded; False on timeout."""
         try:

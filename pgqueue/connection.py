@@ -130,6 +130,7 @@ class WorkerConnection:
                     if not call.cancelled():
                         # retrieved: what failed is the timeout (or our own cancellation)
                         call.exception()
+                    await self.discard()  # shut down: never to be used again
             if call not in done:
                 raise TimeoutError(f"no reply within {self.timeout:g}s")
             return call.result()

@@ -20,7 +20,8 @@ log = logging.getLogger("pgqueue")
 
 
 class Heartbeat:
-    """Every third of a lease: extend the leases of `held()`; report `running()` ids not extended."""
+    """Every third of a lease: extend the leases of `held()` (job id, attempt) pairs, and
+    report the `running()` ones that are no longer this worker's."""
 
     def __init__(
         self,
@@ -28,9 +29,9 @@ class Heartbeat:
         worker: str,
         lease_seconds: float,
         statement_timeout: float,
-        held: Callable[[], list[int]],
-        running: Callable[[], set[int]],
-        lost: Callable[[set[int]], None],
+        held: Callable[[], list[tuple[int, int]]],
+        running: Callable[[], set[tuple[int, int]]],
+        lost: Callable[[set[tuple[int, int]]], None],
     ) -> None:
         self._connection = WorkerConnection(
             dsn, "heartbeat", min(statement_timeout, max(1.0, lease_seconds / 3))
@@ -58,7 +59,13 @@ class Heartbeat:
         try:
             rows = await self._connection.fetch(
                 query("heartbeat"),
-                {"worker": self._worker, "ids": held, "lease_seconds": self._lease, "now": None},
+                {
+                    "worker": self._worker,
+                    "ids": [job_id for job_id, _ in held],
+                    "attempts": [attempt for _, attempt in held],
+                    "lease_seconds": self._lease,
+                    "now": None,
+                },
             )
         except DatabaseUnavailable as error:
             log.warning("heartbeat failed (%s): leases of %d job(s) not extended", error, len(held))
@@ -67,7 +74,7 @@ class Heartbeat:
             # not a lost connection: log it loudly, but a heartbeat must never stop for good
             log.exception("heartbeat failed")
             return
-        still_mine = {int(row[0]) for row in rows}
+        still_mine = {(int(row[0]), int(row[1])) for row in rows}
         # Only jobs still running here can have been lost: one that finished meanwhile
         # may have had its outcome stored (its row no longer 'running') before this call.
         lost = (running_before & self._running()) - still_mine

@@ -8,7 +8,7 @@ import logging
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, Literal
 
 from .errors import InvalidJobError
@@ -64,9 +64,10 @@ class Outcome:
     result_json: str | None = None
     error: dict[str, Any] | None = None
     retry_in: float | None = None
-    # when the handler began and ended (None: it never started, e.g. handed back unrun)
-    started_at: datetime | None = None
-    ended_at: datetime | None = None
+    # when the handler began and ended, in seconds since the epoch (time.time(): cheaper
+    # to take and to send than datetimes); None when it never started
+    started_at: float | None = None
+    ended_at: float | None = None
 
 
 async def outcome_of(

@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 
-from .errors import InvalidJobError
+from .errors import ConfigurationError, InvalidJobError
 from .models import JobOptions, validate_task_name
 from .payloads import UnstorableJson, encode_json
 from .plans import Plan, atomic, atomic_async, drive, drive_async
@@ -114,6 +114,16 @@ async def insert_async(connection: psycopg.AsyncConnection[Any], job: PreparedJo
     return await drive_async(connection, _insert_plan(job))
 
 
+def _refuse_by_name(jobs: Sequence[PreparedJob]) -> None:
+    # COPY writes every option as given: it cannot look up a task's registration
+    unknown = sorted({job.task for job in jobs if job.given is not None})
+    if unknown:
+        raise ConfigurationError(
+            f"bulk enqueue needs its tasks registered in this app, not only by the workers: {unknown}; "
+            "enqueue them one by one (which applies the workers' registration) or register them"
+        )
+
+
 def _copy_rows(jobs: Sequence[PreparedJob], ids: list[int], now: datetime) -> Iterator[tuple[Any, ...]]:
     for job, job_id in zip(jobs, ids, strict=True):
         options = job.options
@@ -141,6 +151,7 @@ def insert_many(connection: psycopg.Connection[Any], jobs: Sequence[PreparedJob]
     """
     if not jobs:
         return []
+    _refuse_by_name(jobs)
     with atomic(connection):
         reserved = connection.execute(query("reserve_ids"), {"count": len(jobs)}).fetchone()
         assert reserved is not None
@@ -157,6 +168,7 @@ async def insert_many_async(
     """The async twin of `insert_many`."""
     if not jobs:
         return []
+    _refuse_by_name(jobs)
     async with atomic_async(connection):
         cursor = await connection.execute(query("reserve_ids"), {"count": len(jobs)})
         reserved = await cursor.fetchone()

@@ -227,8 +227,8 @@ class Worker:
             self.worker_id,
             settings.lease_seconds,
             settings.statement_timeout,
-            held=self._held_ids,
-            running=self._running_ids,
+            held=lambda: [*self._running, *self._completer.unrecorded()],
+            running=lambda: set(self._running),
             lost=self._leases_lost,
         )
         jobs.append(("heartbeat", heartbeat.run()))
@@ -363,9 +363,6 @@ class Worker:
         # while its old attempt is still winding down
         self._running[job.id, job.attempt] = task
 
-    def _running_ids(self) -> set[int]:
-        return {job_id for job_id, _ in self._running}
-
     async def _execute(self, job: ClaimedJob) -> None:
         hooks = self.app.hooks
         context = JobContext(job.id, job.task, job.queue, job.attempt, job.max_attempts, self.worker_id)
@@ -395,7 +392,7 @@ class Worker:
                 job,
                 "unknown_task",
                 f"UnknownTaskError: task {job.task!r} is not registered in the app of worker "
-                f"{self.worker_id} (it registers {sorted(self.app.tasks)})",
+                f"{self.worker_id} (which registers {len(self.app.tasks)} task(s))",
             )
         try:
             args, kwargs = task.call_arguments(job.args)
@@ -407,7 +404,7 @@ class Worker:
                 f"{self.worker_id}: {error}",
             )
 
-        started: list[datetime] = []
+        started: list[float] = []
 
         def call() -> Any:
             return self._executors.run(
@@ -417,13 +414,13 @@ class Worker:
                 args,
                 kwargs,
                 job.timeout_seconds,
-                on_start=lambda: started.append(datetime.now(UTC)),
+                on_start=lambda: started.append(time.time()),
             )
 
         outcome = await outcome_of(job, call, releasing=lambda: self._releasing)
         if not started:
             return outcome
-        return dataclasses.replace(outcome, started_at=started[0], ended_at=datetime.now(UTC))
+        return dataclasses.replace(outcome, started_at=started[0], ended_at=time.time())
 
     def _hand_back(self, job: ClaimedJob, kind: str, message: str) -> Outcome:
         """A job this worker cannot run goes back for one that can (a rolling deploy, a queue
@@ -446,10 +443,10 @@ class Worker:
         }
         return Outcome(job.id, job.attempt, "deferred", error=error, retry_in=settings.handback_delay)
 
-    def _leases_lost(self, job_ids: set[int]) -> None:
-        """The heartbeat found these jobs no longer ours: stop them, their outcome would be void."""
+    def _leases_lost(self, attempts: set[tuple[int, int]]) -> None:
+        """The heartbeat found these attempts no longer ours: stop them, their outcome would be void."""
         for (job_id, attempt), task in list(self._running.items()):
-            if job_id in job_ids:
+            if (job_id, attempt) in attempts:
                 log.warning(
                     "worker %s lost the lease of job %d (attempt %d): stopping it, as another worker "
                     "may run it now",

@@ -38,12 +38,16 @@ from pgqueue.claim_jobs(%(worker)s, %(queues)s, %(limit)s, %(lease_seconds)s, %(
 -- Record a batch of outcomes in one statement, with when each handler began and ended.
 select id, state, run_at from pgqueue.complete_jobs_v2(
     %(worker)s, %(ids)s, %(attempts)s, %(outcomes)s, %(results)s::jsonb[], %(errors)s::jsonb[],
-    %(retry_in)s::double precision[], %(started_at)s::timestamptz[], %(ended_at)s::timestamptz[], %(now)s)
+    %(retry_in)s::double precision[],
+    (select array_agg(to_timestamp(t) order by n) from unnest(%(started_at)s::double precision[]) with ordinality as a(t, n)),
+    (select array_agg(to_timestamp(t) order by n) from unnest(%(ended_at)s::double precision[]) with ordinality as a(t, n)),
+    %(now)s)
 
 -- name: heartbeat
 -- Extend the leases of this worker's running jobs (skipping rows a completion is writing);
 -- returns every id still this worker's, and whether its lease was extended.
-select id, extended from pgqueue.heartbeat_v2(%(worker)s, %(ids)s, %(lease_seconds)s, %(now)s)
+select id, attempt, extended
+from pgqueue.heartbeat_v2(%(worker)s, %(ids)s, %(attempts)s, %(lease_seconds)s, %(now)s)
 
 -- name: release_orphans
 -- Hand back jobs this worker holds but does not run (after a claim whose reply was lost).
@@ -119,11 +123,13 @@ select count(*) filter (where pgqueue.retry_job(id)), max(id) from batch
 
 -- name: recorded_attempts
 -- Which of these attempts already have their outcome recorded by this worker (a call
--- whose reply was lost had committed): each leaves an entry in the job's history.
+-- whose reply was lost had committed): a success is the row itself, any other outcome
+-- an entry in the job's history.
 select o.id, null::pgqueue.job_state, null::timestamptz
 from unnest(%(ids)s::bigint[], %(attempts)s::integer[]) as o(id, attempt)
 join pgqueue.jobs j on j.id = o.id
-where j.history @> jsonb_build_array(jsonb_build_object('attempt', o.attempt, 'worker', %(worker)s::text))
+where (j.state = 'succeeded' and j.attempt = o.attempt and j.worker = %(worker)s::text)
+   or j.history @> jsonb_build_array(jsonb_build_object('attempt', o.attempt, 'worker', %(worker)s::text))
 
 -- name: register_tasks
 -- A worker records the tasks it serves when it starts (the last worker to start wins).

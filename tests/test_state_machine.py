@@ -346,11 +346,12 @@ def test_heartbeat_never_waits_for_a_row_a_completion_is_writing(
         completion.execute("select 1 from pgqueue.jobs where id = %s for update", (busy,))
         connection.execute("set statement_timeout = '5s'")  # waiting would fail the test
         rows = connection.execute(
-            "select id, extended from pgqueue.heartbeat_v2('me', %s, 5, %s) order by id",
-            ([mine, busy, theirs], T0 + timedelta(seconds=4)),
+            "select id, attempt, extended from pgqueue.heartbeat_v2('me', %s, %s, 5, %s) order by id",
+            ([mine, busy, theirs, mine], [1, 1, 1, 2], T0 + timedelta(seconds=4)),
         ).fetchall()
         connection.execute("reset statement_timeout")
-    # the busy row is still mine but was left alone; the other worker's job is not mine
-    assert rows == [(mine, True), (busy, False)]
+    # the busy row is still mine but was left alone; the other worker's job is not mine,
+    # nor is an attempt of my job that is not the one running
+    assert rows == [(mine, 1, True), (busy, 1, False)]
     assert job(connection, mine)[4] == T0 + timedelta(seconds=9)
     assert job(connection, busy)[4] == T0 + timedelta(seconds=5)

@@ -1,11 +1,28 @@
 -- compatible-with: 1
 -- Times tell the truth: the worker reports when each handler began and ended, so
--- `started_at` is the handler's start (not the claim), and `history` keeps every
--- attempt, the successful one too, for run-time percentiles per task in plain SQL
--- (see the pgqueue.attempts view). complete_jobs_v2 takes the two extra arrays;
+-- `started_at` is the handler's start (not the claim), `finished_at` of a success is the
+-- handler's end, and `history` keeps every other attempt that ran; the pgqueue.attempts
+-- view joins both, one row per attempt, for run-time percentiles per task in plain SQL. complete_jobs_v2 takes the two extra arrays;
 -- complete_jobs (0001's signature, still called by older workers) forwards to it.
 
 alter table pgqueue.jobs add column history jsonb not null default '[]';
+
+-- Has a job handed back as 'deferred' (see 0003) waited longer than the `give_up_after`
+-- seconds its error entry carries, counted from the first hand-back in a row? A function
+-- called only for deferred outcomes, so a completion of any other kind never scans the
+-- job's errors (a join for it cost every flush, measured).
+create function pgqueue.deferral_expired(p_errors jsonb, p_error jsonb, p_now timestamptz)
+returns boolean
+language sql stable as $$
+    select p_now - make_interval(secs => (p_error ->> 'give_up_after')::double precision) > coalesce((
+        select min((e.entry ->> 'at')::timestamptz)
+        from jsonb_array_elements(p_errors) with ordinality as e(entry, n)
+        where e.n > coalesce((
+            select max(other.n)
+            from jsonb_array_elements(p_errors) with ordinality as other(entry, n)
+            where other.entry ->> 'kind' is distinct from p_error ->> 'kind'), 0)
+    ), p_now)
+$$;
 
 create function pgqueue.complete_jobs_v2(
     p_worker text,
@@ -30,30 +47,12 @@ begin
     -- One UPDATE straight from the unnested arrays: the row lock it takes is the only
     -- one (a separate SELECT ... FOR UPDATE pass cost more than the update itself).
     return query
-    with deferral as (
-        -- Deferred outcomes only: handed back since when? The trailing run of entries of
-        -- the same kind in the job's history began at its first hand-back; past the
-        -- `give_up_after` seconds its entry carries, no worker that knows it has come,
-        -- and it is dead-lettered. (Empty, and cheap, when nothing was deferred.)
-        select o.id, v_now - make_interval(secs => (o.error ->> 'give_up_after')::double precision)
-            > coalesce((
-                select min((e.entry ->> 'at')::timestamptz)
-                from jsonb_array_elements(j.errors) with ordinality as e(entry, n)
-                where e.n > coalesce((
-                    select max(other.n)
-                    from jsonb_array_elements(j.errors) with ordinality as other(entry, n)
-                    where other.entry ->> 'kind' is distinct from o.error ->> 'kind'), 0)
-            ), v_now) as expired
-        from unnest(p_ids, p_outcomes, p_errors) as o(id, outcome, error)
-        join pgqueue.jobs j on j.id = o.id
-        where o.outcome = 'deferred'
-    ),
-    updated as (
+    with updated as (
         update pgqueue.jobs j
         set state = case
                 when o.outcome = 'succeeded' then 'succeeded'::pgqueue.job_state
                 when o.outcome = 'released' then 'queued'
-                when o.outcome = 'deferred' then case when d.expired then 'dead'::pgqueue.job_state else 'queued' end
+                when o.outcome = 'deferred' then case when pgqueue.deferral_expired(j.errors, o.error, v_now) then 'dead'::pgqueue.job_state else 'queued' end
                 when o.outcome = 'fatal' or j.attempt >= j.max_attempts then 'dead'
                 else 'queued'
             end,
@@ -61,7 +60,7 @@ begin
             run_at = case
                 when o.outcome = 'succeeded' or o.outcome = 'fatal' then j.run_at
                 when o.outcome = 'released' then v_now
-                when o.outcome = 'deferred' then case when d.expired then j.run_at
+                when o.outcome = 'deferred' then case when pgqueue.deferral_expired(j.errors, o.error, v_now) then j.run_at
                     else v_now + make_interval(secs => least(greatest(o.retry_in, 0), 315360000)) end
                 when j.attempt >= j.max_attempts then j.run_at
                 when o.outcome = 'retry' then v_now + make_interval(secs => least(greatest(o.retry_in, 0), 315360000))
@@ -69,7 +68,9 @@ begin
                     j.backoff, j.backoff_base_seconds, j.backoff_max_seconds, j.backoff_jitter, j.attempt, j.id))
             end,
             finished_at = case
-                when o.outcome = 'deferred' then case when d.expired then v_now end
+                -- the handler's own end, on the same clock as started_at
+                when o.outcome = 'succeeded' then coalesce(o.ended_at, v_now)
+                when o.outcome = 'deferred' then case when pgqueue.deferral_expired(j.errors, o.error, v_now) then v_now end
                 when o.outcome = 'succeeded' or o.outcome = 'fatal' or
                      (o.outcome <> 'released' and j.attempt >= j.max_attempts) then v_now
             end,
@@ -77,24 +78,25 @@ begin
             -- when the handler really began (not when the job was claimed: a process job
             -- may wait for a free CPU), and one entry per attempt, successful ones too
             started_at = coalesce(o.started_at, j.started_at),
-            history = j.history || jsonb_build_array(jsonb_build_object(
+            history = case when o.outcome in ('deferred', 'succeeded') then j.history
+                else j.history || jsonb_build_array(jsonb_build_object(
                 'attempt', j.attempt, 'worker', p_worker, 'outcome', o.outcome,
                 'started_at', coalesce(o.started_at, j.started_at), 'ended_at', coalesce(o.ended_at, v_now),
-                'seconds', extract(epoch from coalesce(o.ended_at, v_now) - coalesce(o.started_at, j.started_at)))),
+                'seconds', extract(epoch from coalesce(o.ended_at, v_now) - coalesce(o.started_at, j.started_at))))
+                end,
             errors = case
                 when o.error is null then j.errors
                 else j.errors || jsonb_build_array(o.error || jsonb_build_object(
                     'attempt', j.attempt, 'at', v_now, 'worker', p_worker))
             end,
             worker = case
-                when o.outcome = 'deferred' then case when d.expired then j.worker end
+                when o.outcome = 'deferred' then case when pgqueue.deferral_expired(j.errors, o.error, v_now) then j.worker end
                 when o.outcome = 'succeeded' or o.outcome = 'fatal' or
                      (o.outcome <> 'released' and j.attempt >= j.max_attempts) then j.worker
             end,
             lease_expires_at = null
         from unnest(p_ids, p_attempts, p_outcomes, p_results, p_errors, p_retry_in, p_started_at, p_ended_at)
             as o(id, attempt, outcome, result, error, retry_in, started_at, ended_at)
-        left join deferral d on d.id = o.id
         where j.id = o.id and j.state = 'running' and j.attempt = o.attempt and j.worker = p_worker
         returning j.id, j.state, j.run_at, j.queue
     ),
@@ -135,4 +137,11 @@ select j.id as job_id, j.task, j.queue,
        (a ->> 'ended_at')::timestamptz as ended_at,
        (a ->> 'seconds')::double precision as seconds
 from pgqueue.jobs j
-cross join lateral jsonb_array_elements(j.history) as a;
+cross join lateral jsonb_array_elements(j.history) as a
+union all
+-- a success is the job's last attempt: its times are the row's own (kept out of the
+-- history, so the hot path of a successful job builds no JSON)
+select j.id, j.task, j.queue, j.attempt, j.worker, 'succeeded',
+       j.started_at, j.finished_at, extract(epoch from j.finished_at - j.started_at)::double precision
+from pgqueue.jobs j
+where j.state = 'succeeded';

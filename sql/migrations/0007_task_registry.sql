@@ -41,7 +41,9 @@ begin
     -- may not be deployed yet), with a warning
     select * into v_task from pgqueue.tasks t where t.name = enqueue.task;
     if not found and enqueue.task is not null then
-        raise warning 'pgqueue.enqueue: no worker has registered a task named % (yet): check the name', enqueue.task;
+        -- a notice, not a warning: a trigger enqueueing before the workers start would
+        -- otherwise write one server log line per row
+        raise notice 'pgqueue.enqueue: no worker has registered a task named % (yet): check the name', enqueue.task;
     end if;
     queue := coalesce(queue, v_task.queue, 'default');
     priority := coalesce(priority, v_task.priority, 0);
