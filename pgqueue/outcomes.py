@@ -14,6 +14,7 @@ from typing import Any, Literal
 from .errors import InvalidJobError
 from .models import MAX_DELAY_SECONDS, ClaimedJob
 from .payloads import encode_json
+from .settings import Settings
 
 log = logging.getLogger("pgqueue")
 
@@ -156,3 +157,24 @@ def describe(error: BaseException) -> str:
         return text  # a process child's exception that travelled as tasks.ChildError: its own type
 
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def hand_back(job: ClaimedJob, settings: Settings, kind: str, message: str) -> Outcome:
+    """A job this worker cannot run (its task is unknown here, its arguments do not fit)
+    goes back for one that can (a rolling deploy, a queue shared by two apps): the attempt
+    does not count. Handed back this way for longer than `unknown_task_timeout`, it is
+    dead-lettered by `complete_jobs`."""
+    log.warning(
+        "job %d handed back (in %gs, for a worker that can run it; dead-lettered if none has after %gs): %s",
+        job.id,
+        settings.handback_delay,
+        settings.unknown_task_timeout,
+        message,
+    )
+    error = {
+        "kind": kind,
+        "error": message,
+        "traceback": None,
+        "give_up_after": settings.unknown_task_timeout,
+    }
+    return Outcome(job.id, job.attempt, "deferred", error=error, retry_in=settings.handback_delay)

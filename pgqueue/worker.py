@@ -38,7 +38,8 @@ from .listener import Listener
 from .maintenance import Maintenance
 from .migrate import check_schema_async
 from .models import NAME_PATTERN, ClaimedJob
-from .outcomes import Outcome, describe, outcome_of
+from .outcomes import Outcome, describe, hand_back, outcome_of
+from .registry import register_tasks
 from .settings import Settings
 from .sql import query
 
@@ -152,7 +153,7 @@ class Worker:
         try:
             if not await self._wait_for_schema():
                 return
-            await self._register_tasks()
+            await register_tasks(self._claimer, self.worker_id, list(self.app.tasks.values()))
             log.info(
                 "worker %s started: queues %s, concurrency %d, %s",
                 self.worker_id,
@@ -180,32 +181,6 @@ class Worker:
                     self._loop.remove_signal_handler(signum)
             log.info("worker %s stopped after %d job(s)", self.worker_id, self.jobs_done)
             self.app.hooks.emit(WorkerStopped(self.worker_id, self.jobs_done))
-
-    async def _register_tasks(self) -> None:
-        """Record the tasks this worker serves, so enqueue by name applies their options."""
-        tasks = [task for name, task in sorted(self.app.tasks.items())]
-        if not tasks:
-            return
-        options = [task.default_options for task in tasks]
-        try:
-            await self._claimer.fetch(
-                query("register_tasks"),
-                {
-                    "worker": self.worker_id,
-                    "names": [task.name for task in tasks],
-                    "queues": [option.queue for option in options],
-                    "priorities": [option.priority for option in options],
-                    "max_attempts": [option.max_attempts for option in options],
-                    "timeouts": [option.timeout for option in options],
-                    "backoffs": [option.retry.kind for option in options],
-                    "bases": [option.retry.base for option in options],
-                    "maxes": [option.retry.max for option in options],
-                    "jitters": [option.retry.jitter for option in options],
-                },
-            )
-        except (DatabaseUnavailable, psycopg.Error) as error:
-            # enqueue by name falls back to defaults meanwhile; the next start tries again
-            log.warning("could not register this worker's tasks (%s)", describe(error))
 
     def _background_jobs(self, dsn: str) -> list[tuple[str, Any]]:
         """The loops that run beside the claim loop, each on a connection of its own."""
@@ -388,8 +363,9 @@ class Worker:
     async def _attempt(self, job: ClaimedJob, context: JobContext) -> Outcome:
         task = self.app.tasks.get(job.task)
         if task is None:
-            return self._hand_back(
+            return hand_back(
                 job,
+                self.settings,
                 "unknown_task",
                 f"UnknownTaskError: task {job.task!r} is not registered in the app of worker "
                 f"{self.worker_id} (which registers {len(self.app.tasks)} task(s))",
@@ -397,8 +373,9 @@ class Worker:
         try:
             args, kwargs = task.call_arguments(job.args)
         except TypeError as error:
-            return self._hand_back(
+            return hand_back(
                 job,
+                self.settings,
                 "bad_arguments",
                 f"InvalidJobError: stored arguments do not fit task {job.task!r} in worker "
                 f"{self.worker_id}: {error}",
@@ -421,27 +398,6 @@ class Worker:
         if not started:
             return outcome
         return dataclasses.replace(outcome, started_at=started[0], ended_at=time.time())
-
-    def _hand_back(self, job: ClaimedJob, kind: str, message: str) -> Outcome:
-        """A job this worker cannot run goes back for one that can (a rolling deploy, a queue
-        shared by two apps): the attempt does not count. Handed back this way for longer than
-        `unknown_task_timeout`, it is dead-lettered by `complete_jobs`."""
-        settings = self.settings
-        log.warning(
-            "job %d handed back (in %gs, for a worker that can run it; dead-lettered if none has "
-            "after %gs): %s",
-            job.id,
-            settings.handback_delay,
-            settings.unknown_task_timeout,
-            message,
-        )
-        error = {
-            "kind": kind,
-            "error": message,
-            "traceback": None,
-            "give_up_after": settings.unknown_task_timeout,
-        }
-        return Outcome(job.id, job.attempt, "deferred", error=error, retry_in=settings.handback_delay)
 
     def _leases_lost(self, attempts: set[tuple[int, int]]) -> None:
         """The heartbeat found these attempts no longer ours: stop them, their outcome would be void."""
