@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import signal
@@ -397,7 +396,17 @@ class Worker:
         outcome = await outcome_of(job, call, releasing=lambda: self._releasing)
         if not started:
             return outcome
-        return dataclasses.replace(outcome, started_at=started[0], ended_at=time.time())
+        # the constructor, not dataclasses.replace: this runs once per job (replace cost 3 µs)
+        return Outcome(
+            outcome.job_id,
+            outcome.attempt,
+            outcome.kind,
+            outcome.result_json,
+            outcome.error,
+            outcome.retry_in,
+            started[0],
+            time.time(),
+        )
 
     def _leases_lost(self, attempts: set[tuple[int, int]]) -> None:
         """The heartbeat found these attempts no longer ours: stop them, their outcome would be void."""

@@ -36,11 +36,15 @@ from pgqueue.claim_jobs(%(worker)s, %(queues)s, %(limit)s, %(lease_seconds)s, %(
 
 -- name: complete_jobs
 -- Record a batch of outcomes in one statement, with when each handler began and ended.
+-- Numbers travel in binary (%b): psycopg's text arrays check every element with a regular
+-- expression, which cost about 1 µs per job per array (measured with cProfile).
 select id, state, run_at from pgqueue.complete_jobs_v2(
-    %(worker)s, %(ids)s, %(attempts)s, %(outcomes)s, %(results)s::jsonb[], %(errors)s::jsonb[],
-    %(retry_in)s::double precision[],
-    (select array_agg(to_timestamp(t) order by n) from unnest(%(started_at)s::double precision[]) with ordinality as a(t, n)),
-    (select array_agg(to_timestamp(t) order by n) from unnest(%(ended_at)s::double precision[]) with ordinality as a(t, n)),
+    %(worker)s, %(ids)b::bigint[], %(attempts)b::integer[], %(outcomes)s, %(results)s::jsonb[],
+    %(errors)s::jsonb[], %(retry_in)b::double precision[],
+    (select array_agg(to_timestamp(t) order by n)
+     from unnest(%(started_at)b::double precision[]) with ordinality as a(t, n)),
+    (select array_agg(to_timestamp(t) order by n)
+     from unnest(%(ended_at)b::double precision[]) with ordinality as a(t, n)),
     %(now)s)
 
 -- name: heartbeat
