@@ -53,7 +53,7 @@ class Completer:
 
     def unrecorded_ids(self) -> list[int]:
         """Jobs whose outcome is known here but not yet in the database (their leases must hold)."""
-        return [outcome.job_id for outcome in (*self._in_flight, *self._pending)]
+        return [job_id for job_id, _ in self.unrecorded()]
 
     def unrecorded(self) -> list[tuple[int, int]]:
         """(job id, attempt) of each outcome not yet in the database."""

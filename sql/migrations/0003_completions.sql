@@ -1,13 +1,21 @@
 -- compatible-with: 1
+-- Rolling deploys and shared queues: a worker that claims a job it cannot run (its task
+-- is not registered there, or the stored arguments do not fit its function) hands it
+-- back as 'deferred' instead of dead-lettering it: the attempt does not count, the job
+-- waits p_retry_in seconds so that a worker that knows it can take it, and its errors
+-- say why. A job handed back this way for longer than the `give_up_after` seconds its
+-- error entry carries (counted from the first hand-back in a row) is dead-lettered.
+--
 -- Times tell the truth: the worker reports when each handler began and ended, so
 -- `started_at` is the handler's start (not the claim), `finished_at` of a success is the
 -- handler's end, and `history` keeps every other attempt that ran; the pgqueue.attempts
--- view joins both, one row per attempt, for run-time percentiles per task in plain SQL. complete_jobs_v2 takes the two extra arrays;
+-- view joins both, one row per attempt, for run-time percentiles per task in plain SQL.
+-- complete_jobs_v2 takes the two extra arrays;
 -- complete_jobs (0001's signature, still called by older workers) forwards to it.
 
 alter table pgqueue.jobs add column history jsonb not null default '[]';
 
--- Has a job handed back as 'deferred' (see 0003) waited longer than the `give_up_after`
+-- Has a job handed back as 'deferred' (above) waited longer than the `give_up_after`
 -- seconds its error entry carries, counted from the first hand-back in a row? A function
 -- called only for deferred outcomes, so a completion of any other kind never scans the
 -- job's errors (a join for it cost every flush, measured).

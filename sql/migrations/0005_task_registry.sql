@@ -1,4 +1,8 @@
 -- compatible-with: 1
+-- The SQL enqueue answers every bad argument with one clear message (SQLSTATE 22023),
+-- never a raw check-constraint violation, and refuses run times that are not real
+-- ('infinity') or further than ten years away.
+--
 -- Enqueue by name knows the task: every worker records the tasks it serves (name, queue,
 -- priority, attempts, timeout, retry policy) when it starts, and pgqueue.enqueue (SQL,
 -- the CLI without --app, a producer-only App) applies those options to whatever the
