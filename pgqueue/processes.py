@@ -50,8 +50,9 @@ def submit(
 def kill_children(pool: concurrent.futures.ProcessPoolExecutor) -> None:
     """Stop every child of `pool` now (SIGKILL: they ignore SIGTERM) and shut the pool down."""
     # ProcessPoolExecutor offers no public way to stop a running call; its child
-    # processes are reachable through this attribute on every CPython since 3.2.
-    for process in list(getattr(pool, "_processes", {}).values()):
+    # processes are reachable through this attribute on every CPython since 3.2 (None
+    # once the pool has noticed that a child died).
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
         with contextlib.suppress(OSError, ValueError):
             process.kill()
     pool.shutdown(wait=False, cancel_futures=True)

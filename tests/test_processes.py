@@ -10,6 +10,7 @@ worker's output or of the executions log, a backend in pg_stat_activity.
 from __future__ import annotations
 
 import collections
+import os
 import re
 import signal
 from pathlib import Path
@@ -167,6 +168,31 @@ def test_a_timed_out_process_pool_child_is_gone_and_the_worker_keeps_claiming(
     later = sample_app.cpu.enqueue(None, n=1000)
     assert wait_for_states(dsn, [later], timeout=30) == {later: "succeeded"}
     assert sample.get_job(later).result == sum(range(1000))
+    stop(worker)
+
+
+def test_a_crashed_or_timed_out_child_fails_only_its_own_job(
+    dsn: str, sample: App, worker_processes: WorkerProcesses, tmp_path: Path
+) -> None:
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("SKIPPED LOUDLY: needs two process slots, and this machine has one CPU")
+    worker = worker_processes.start(dsn, "--concurrency", "2")
+    marker = tmp_path / "hung-child.pid"
+    # a long CPU-bound job runs beside a child that dies and one that times out
+    bystander = sample_app.cpu_sleep.enqueue(None, seconds=4.0)
+    crashed = sample_app.cpu_crash.enqueue(None)
+    hung = sample_app.cpu_hang.enqueue(None, marker=str(marker))
+    assert wait_for_states(dsn, [bystander, crashed, hung], timeout=60) == {
+        bystander: "succeeded",
+        crashed: "dead",
+        hung: "dead",
+    }
+    survivor = sample.get_job(bystander)
+    assert (survivor.attempt, survivor.errors, survivor.result) == (1, [], "slept")
+    assert "BrokenProcessPool" in sample.get_job(crashed).errors[0]["error"]
+    assert [error["kind"] for error in sample.get_job(hung).errors] == ["timeout"]
+    child = int(marker.read_text())
+    wait_for(lambda: process_gone(child), timeout=30, what=f"the timed-out job's child {child} to go")
     stop(worker)
 
 
