@@ -676,13 +676,6 @@ def bench_latency(b: Bench) -> None:
             worker.wait()
         if worker in b.children:
             b.children.remove(worker)
-    claimed: dict[int, float] = dict(
-        b.admin.execute(
-            "select (args->>'seq')::int, extract(epoch from started_at)::float8 from pgqueue.jobs"
-            " where queue = %s and started_at is not null",
-            (bench.LATENCY_QUEUE,),
-        ).fetchall()
-    )
     measured = [seq for seq in range(warmup, total)]
     missing = [seq for seq in measured if seq not in seen]
     latencies = sorted((seen[seq] - commits[seq]) * 1000 for seq in measured if seq in seen)
@@ -699,14 +692,6 @@ def bench_latency(b: Bench) -> None:
         "min_ms": latencies[0] if latencies else None,
         "from_enqueue_call_p50_ms": percentile(from_call, 0.50),
         "from_enqueue_call_p99_ms": percentile(from_call, 0.99),
-        # where the time goes: commit -> claim statement starts (server clock), and
-        # claim statement starts -> handler starts (same machine, so clocks agree)
-        "commit_to_claim_p50_ms": percentile(
-            sorted((claimed[s] - commits[s]) * 1000 for s in measured if s in claimed), 0.50
-        ),
-        "claim_to_handler_p50_ms": percentile(
-            sorted((seen[s] - claimed[s]) * 1000 for s in measured if s in seen and s in claimed), 0.50
-        ),
         "enqueue_call_p50_ms": percentile(sorted((commits[s] - before[s]) * 1000 for s in measured), 0.50),
     }
     if missing:
@@ -857,9 +842,7 @@ def details(b: Bench) -> str:
             f"max {latency['max_ms']:.2f} ms; "
             f"measured from before the enqueue call: p50 {latency['from_enqueue_call_p50_ms']:.2f} ms, "
             f"p99 {latency['from_enqueue_call_p99_ms']:.2f} ms (enqueue call p50 "
-            f"{latency['enqueue_call_p50_ms']:.2f} ms); p50 split: commit->claim query start "
-            f"{latency['commit_to_claim_p50_ms']:.2f} ms, claim query start->handler "
-            f"{latency['claim_to_handler_p50_ms']:.2f} ms"
+            f"{latency['enqueue_call_p50_ms']:.2f} ms)"
         )
     for phase, message in b.errors.items():
         out.append(f"ERROR in {phase}: {message.splitlines()[0] if message else ''}")

@@ -107,33 +107,26 @@ class WorkerConnection:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         try:
-            async with asyncio.timeout_at(deadline):
-                connection = await self.connect()
-            call = asyncio.ensure_future(_execute(connection, statement, params))
+            connection = self._connection
+            if connection is None or connection.closed:
+                async with asyncio.timeout_at(deadline):
+                    connection = await self.connect()
+            # One timer, no task of its own: this is every claim's and every flush's path.
+            watchdog = _Watchdog(connection, deadline)
             try:
-                done, _ = await asyncio.wait({call}, timeout=max(0.0, deadline - loop.time()))
+                return await _execute(connection, statement, params)
+            except asyncio.CancelledError:
+                if watchdog.cancelled_the_call():
+                    raise TimeoutError(f"no reply within {self.timeout:g}s") from None
+                raise
+            except _ANY_DATABASE_ERROR:
+                if watchdog.expired:  # the failure is the socket it shut down
+                    raise TimeoutError(f"no reply within {self.timeout:g}s") from None
+                raise
             finally:
-                if not call.done():
-                    # Cancelling psycopg mid-query makes it send a cancel request and wait
-                    # for the query to end: up to 10 s more over a dead link. Shutting the
-                    # socket down instead makes the pending read fail at once; the
-                    # descriptor itself stays open (so no new connection can reuse its
-                    # number under psycopg's reader) until `discard` closes the connection.
-                    if _shut_down(connection):
-                        await asyncio.wait({call}, timeout=1.0)
-                    if not call.done():
-                        # no socket to shut down, or psycopg did not notice: end the
-                        # session, so its cancellation has no running query to wait for
-                        connection.pgconn.finish()
-                        call.cancel()
-                        await asyncio.wait({call})
-                    if not call.cancelled():
-                        # retrieved: what failed is the timeout (or our own cancellation)
-                        call.exception()
+                watchdog.disarm()
+                if watchdog.expired:
                     await self.discard()  # shut down: never to be used again
-            if call not in done:
-                raise TimeoutError(f"no reply within {self.timeout:g}s")
-            return call.result()
         except _ANY_DATABASE_ERROR as error:
             if not is_link_failure(error):
                 # A fresh session after a server error: settings such as a failover's
@@ -153,6 +146,46 @@ class WorkerConnection:
 
     async def close(self) -> None:
         await self.discard()
+
+
+class _Watchdog:
+    """Ends a call over its connection at `deadline`, without waiting on the link.
+
+    Cancelling psycopg mid-query makes it send a cancel request and wait for the query to
+    end: up to 10 s more over a dead link. At the deadline the watchdog shuts the socket
+    down instead, which makes the pending read fail at once; the descriptor itself stays
+    open (so no new connection can reuse its number under psycopg's reader) until the
+    caller discards the connection. Should psycopg not notice within a second (or there
+    be no socket), the session is ended and the call cancelled.
+    """
+
+    def __init__(self, connection: psycopg.AsyncConnection[Any], deadline: float) -> None:
+        self._connection = connection
+        self._task = asyncio.current_task()
+        self._loop = asyncio.get_running_loop()
+        self._handle = self._loop.call_at(deadline, self._expire)
+        self.expired = False
+        self._cancelled = False
+
+    def disarm(self) -> None:
+        self._handle.cancel()
+
+    def cancelled_the_call(self) -> bool:
+        """Whether a CancelledError being raised is the watchdog's, not the caller's."""
+        return self._cancelled and self._task is not None and self._task.uncancel() == 0
+
+    def _expire(self) -> None:
+        self.expired = True
+        if _shut_down(self._connection):
+            self._handle = self._loop.call_later(1.0, self._force)
+        else:
+            self._force()
+
+    def _force(self) -> None:
+        self._connection.pgconn.finish()
+        if self._task is not None:
+            self._cancelled = True
+            self._task.cancel()
 
 
 def _shut_down(connection: psycopg.AsyncConnection[Any]) -> bool:
