@@ -67,6 +67,32 @@ class Completer:
             return False
         return True
 
+    async def finish(self, limit: float, forced: Callable[[], bool]) -> None:
+        """At shutdown: wait until every outcome is recorded, for at most `limit` seconds.
+
+        Once `forced()` (a second signal), a few more seconds; then the outcomes left are
+        abandoned to the lease rescue, which will run their jobs again.
+        """
+        deadline = time.monotonic() + limit
+        waited = 0
+        while not await self.wait_idle(timeout=1.0):
+            waited += 1
+            if waited % 10 == 1 and not forced():
+                log.warning(
+                    "waiting to record %d job outcome(s) before exiting (signal again to give up "
+                    "and leave them to the lease rescue)",
+                    len(self.unrecorded()),
+                )
+            if forced() or time.monotonic() > deadline:
+                if forced() and await self.wait_idle(timeout=5.0):
+                    return
+                self.abandon = True
+                log.error(
+                    "leaving %s unrecorded outcome(s) to be rescued after their leases",
+                    len(self.unrecorded()),
+                )
+                return
+
     async def _flush_loop(self) -> None:
         backoff = Backoff(cap=self._reconnect_max_delay)
         try:

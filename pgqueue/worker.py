@@ -1,12 +1,13 @@
 """The worker's lifecycle and claim loop: wake, claim a batch sized to free slots, hand it on.
 
-One asyncio loop per process. Each concern has a room of its own: `executors` runs
-handlers (async, thread, process) with their timeouts; `outcomes` turns what a
-handler returned or raised into what is recorded; `completer` records outcomes by
-group commit; `listener` wakes the loop on NOTIFY; `leases` heartbeats; and
-`maintenance` runs the once-per-database duties under a leader. `hooks` tells
-whoever listens. Every connection reconnects with backoff for as long as the worker
-lives: a database restart or a network cut pauses the worker, it never ends it.
+One asyncio loop per process. Each concern has a room of its own: `attempts` takes
+a claimed job to its outcome; `executors` runs handlers (async, thread, process)
+with their timeouts; `outcomes` turns what a handler returned or raised into what
+is recorded; `completer` records outcomes by group commit; `listener` wakes the
+loop on NOTIFY; `leases` heartbeats; and `maintenance` runs the once-per-database
+duties under a leader. `hooks` tells whoever listens. Every connection reconnects
+with backoff for as long as the worker lives: a database restart or a network cut
+pauses the worker, it never ends it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import psycopg
 
 from .app import App
+from .attempts import run_attempt
 from .completer import Completer
 from .connection import CONNECTION_ERRORS, Backoff, DatabaseUnavailable, WorkerConnection
 from .context import JobContext, _current
@@ -37,7 +39,7 @@ from .listener import Listener
 from .maintenance import Maintenance
 from .migrate import check_schema_async
 from .models import NAME_PATTERN, ClaimedJob
-from .outcomes import Outcome, describe, hand_back, outcome_of
+from .outcomes import Outcome, describe
 from .registry import register_tasks
 from .settings import Settings
 from .sql import query
@@ -346,7 +348,9 @@ class Worker:
             waited = (datetime.now(UTC) - job.run_at).total_seconds()
             hooks.emit(JobStarted(self.worker_id, job, max(0.0, waited)))
         try:
-            outcome = await self._attempt(job, context)
+            outcome = await run_attempt(
+                job, context, self.app.tasks, self._executors, self.settings, lambda: self._releasing
+            )
         finally:
             _current.reset(token)
             self._running.pop((job.id, job.attempt), None)
@@ -358,55 +362,6 @@ class Worker:
         self._completer.add(outcome)
         if hooks.wants(JobFinished):
             hooks.emit(JobFinished(self.worker_id, job, outcome, seconds))
-
-    async def _attempt(self, job: ClaimedJob, context: JobContext) -> Outcome:
-        task = self.app.tasks.get(job.task)
-        if task is None:
-            return hand_back(
-                job,
-                self.settings,
-                "unknown_task",
-                f"UnknownTaskError: task {job.task!r} is not registered in the app of worker "
-                f"{self.worker_id} (which registers {len(self.app.tasks)} task(s))",
-            )
-        try:
-            args, kwargs = task.call_arguments(job.args)
-        except TypeError as error:
-            return hand_back(
-                job,
-                self.settings,
-                "bad_arguments",
-                f"InvalidJobError: stored arguments do not fit task {job.task!r} in worker "
-                f"{self.worker_id}: {error}",
-            )
-
-        started: list[float] = []
-
-        def call() -> Any:
-            return self._executors.run(
-                task,
-                context,
-                job.args,
-                args,
-                kwargs,
-                job.timeout_seconds,
-                on_start=lambda: started.append(time.time()),
-            )
-
-        outcome = await outcome_of(job, call, releasing=lambda: self._releasing)
-        if not started:
-            return outcome
-        # the constructor, not dataclasses.replace: this runs once per job (replace cost 3 µs)
-        return Outcome(
-            outcome.job_id,
-            outcome.attempt,
-            outcome.kind,
-            outcome.result_json,
-            outcome.error,
-            outcome.retry_in,
-            started[0],
-            time.time(),
-        )
 
     def _leases_lost(self, attempts: set[tuple[int, int]]) -> None:
         """The heartbeat found these attempts no longer ours: stop them, their outcome would be void."""
@@ -450,27 +405,9 @@ class Worker:
         if self._claim_uncertain:
             with contextlib.suppress(DatabaseUnavailable, psycopg.Error):
                 await self._release_orphans()
-        # Record every outcome before leaving. Past the lease, or a few seconds after a
-        # forced stop, an outcome could not be recorded anyway: its job is rescued.
-        deadline = time.monotonic() + self.settings.lease_seconds
-        waited = 0
-        while not await self._completer.wait_idle(timeout=1.0):
-            waited += 1
-            if waited % 10 == 1 and not self._forced:
-                log.warning(
-                    "waiting to record %d job outcome(s) before exiting (signal again to give up "
-                    "and leave them to the lease rescue)",
-                    len(self._completer.unrecorded_ids()),
-                )
-            if self._forced or time.monotonic() > deadline:
-                if self._forced and await self._completer.wait_idle(timeout=5.0):
-                    break
-                self._completer.abandon = True
-                log.error(
-                    "leaving %s unrecorded outcome(s) to be rescued after their leases",
-                    len(self._completer.unrecorded_ids()),
-                )
-                break
+        # Past the lease, or a few seconds after a forced stop, an outcome could not be
+        # recorded anyway: its job is rescued.
+        await self._completer.finish(self.settings.lease_seconds, forced=lambda: self._forced)
 
 
 async def _wait_all_or(tasks: list[asyncio.Task[None]], force: asyncio.Future[Any], timeout: float) -> None:
