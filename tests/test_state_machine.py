@@ -293,6 +293,33 @@ def test_a_job_that_kills_its_worker_three_times_in_a_row_is_dead_lettered(
     assert row is not None and row[0] == 3 and "last 3 attempts all ended this way" in row[1]
 
 
+def test_a_redriven_poison_job_gets_three_fresh_expiries_before_the_dead_letter(
+    connection: psycopg.Connection[Any],
+) -> None:
+    job_id = enqueue(connection, run_at=T0, max_attempts=10, backoff="fixed", backoff_base_seconds=0)
+    now = T0
+    for _ in range(3):
+        claim(connection, now, lease=5)
+        now += timedelta(seconds=6)
+        rescue(connection, now)
+    assert job(connection, job_id)[0] == "dead"
+    # the operator fixed what killed the workers and redrives the job
+    row = connection.execute("select pgqueue.retry_job(%s, %s)", (job_id, now)).fetchone()
+    assert row == (True,)
+    states = []
+    for _ in range(3):
+        claim(connection, now, lease=5)
+        now += timedelta(seconds=6)
+        states += [state for _, state in rescue(connection, now)]
+    assert states == ["queued", "queued", "dead"]  # not dead at its first expiry
+    kinds = connection.execute(
+        "select array_agg(e ->> 'kind' order by n) from pgqueue.jobs,"
+        " jsonb_array_elements(errors) with ordinality as x(e, n) where id = %s",
+        (job_id,),
+    ).fetchone()
+    assert kinds == (["lease_expired"] * 3 + ["redriven"] + ["lease_expired"] * 3,)
+
+
 def test_a_failure_in_between_resets_the_count_of_lease_expiries(connection: psycopg.Connection[Any]) -> None:
     job_id = enqueue(connection, run_at=T0, max_attempts=10, backoff="fixed", backoff_base_seconds=0)
     now = T0
