@@ -333,6 +333,48 @@ def test_a_failure_in_between_resets_the_count_of_lease_expiries(connection: psy
     assert job(connection, job_id)[0] == "queued"  # two expiries since the failure, not three
 
 
+def hand_back(connection: psycopg.Connection[Any], job_id: int, now: datetime, kind: str) -> str:
+    """Claim the job and hand it back as a worker that cannot run it does (give up after 60 s)."""
+    assert claim(connection, now) == [job_id]
+    attempt = connection.execute("select attempt from pgqueue.jobs where id = %s", (job_id,)).fetchone()
+    assert attempt is not None
+    error = {"kind": kind, "error": f"cannot run it: {kind}", "traceback": None, "give_up_after": 60}
+    rows = connection.execute(
+        "select state::text from pgqueue.complete_jobs(%s, %s, %s, %s, %s::jsonb[], %s::jsonb[],"
+        " %s::double precision[], %s)",
+        ("w1", [job_id], [attempt[0]], ["deferred"], [None], [json.dumps(error)], [0.0], now),
+    ).fetchall()
+    return str(rows[0][0])
+
+
+def test_hand_backs_in_a_row_share_one_error_entry_and_their_clock(
+    connection: psycopg.Connection[Any],
+) -> None:
+    job_id = enqueue(connection, run_at=T0, max_attempts=10, backoff="fixed", backoff_base_seconds=0)
+    # a deploy: old workers do not know the task, new ones cannot fit the arguments
+    states = [
+        hand_back(connection, job_id, T0 + timedelta(seconds=step * 10), kind)
+        for step, kind in enumerate(["unknown_task", "bad_arguments"] * 3)
+    ]
+    assert states == ["queued"] * 6  # 50 s since the first hand-back: under the 60 s limit
+    errors = connection.execute("select errors from pgqueue.jobs where id = %s", (job_id,)).fetchone()
+    assert errors is not None
+    [entry] = errors[0]
+    assert (entry["kind"], entry["count"]) == ("bad_arguments", 6)
+    assert datetime.fromisoformat(entry["first_at"]) == T0
+    assert hand_back(connection, job_id, T0 + timedelta(seconds=61), "unknown_task") == "dead"
+    # a failed attempt in between ends the row: the next hand-back starts a new clock
+    other = enqueue(connection, run_at=T0, max_attempts=10, backoff="fixed", backoff_base_seconds=0)
+    hand_back(connection, other, T0, "unknown_task")
+    assert claim(connection, T0) == [other]
+    fail(connection, other, 1, T0)
+    assert hand_back(connection, other, T0 + timedelta(seconds=100), "unknown_task") == "queued"
+    kinds = connection.execute(
+        "select jsonb_path_query_array(errors, '$[*].kind') from pgqueue.jobs where id = %s", (other,)
+    ).fetchone()
+    assert kinds == (["unknown_task", "exception", "unknown_task"],)
+
+
 def test_rescue_works_in_batches_of_the_oldest_expiries(connection: psycopg.Connection[Any]) -> None:
     ids = [enqueue(connection, run_at=T0) for _ in range(5)]
     for offset, job_id in enumerate(ids):  # leases expiring one second apart, last claimed first

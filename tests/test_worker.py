@@ -152,12 +152,13 @@ def test_a_job_no_worker_can_run_is_handed_back_then_dead_lettered_after_the_tim
         wait_for_states(dsn, [row[0], bad_args[0]])
     unknown, unfit = app.get_job(row[0]), app.get_job(bad_args[0])
     assert unknown.state is JobState.DEAD and unfit.state is JobState.DEAD
-    # two hand-backs each, neither using up an attempt
-    assert [error["kind"] for error in unknown.errors] == ["unknown_task", "unknown_task"]
+    # two hand-backs each, neither using up an attempt, sharing one error entry
+    assert [(error["kind"], error["count"]) for error in unknown.errors] == [("unknown_task", 2)]
     assert unknown.attempt == 0 and unfit.attempt == 0
     assert "task 'nobody.registered' is not registered" in unknown.errors[0]["error"]
     assert "do not fit task 'known'" in unfit.errors[0]["error"]
-    assert [error["kind"] for error in unfit.errors] == ["bad_arguments", "bad_arguments"]
+    assert [(error["kind"], error["count"]) for error in unfit.errors] == [("bad_arguments", 2)]
+    assert unfit.errors[0]["first_at"] < unfit.errors[0]["at"]
 
 
 @pytest.mark.slow

@@ -16,20 +16,16 @@
 alter table pgqueue.jobs add column history jsonb not null default '[]';
 
 -- Has a job handed back as 'deferred' (above) waited longer than the `give_up_after`
--- seconds its error entry carries, counted from the first hand-back in a row? A function
--- called only for deferred outcomes, so a completion of any other kind never scans the
--- job's errors (a join for it cost every flush, measured).
+-- seconds its error entry carries, counted from the first hand-back in a row? Hand-backs
+-- in a row (unknown task or unfit arguments alike: in a deploy, old and new workers give
+-- different reasons) share one error entry, the last, which keeps the first one's time
+-- and their count; so this reads one entry, and a job offered every few seconds for an
+-- hour does not pile up hundreds of them. Called only for deferred outcomes.
 create function pgqueue.deferral_expired(p_errors jsonb, p_error jsonb, p_now timestamptz)
 returns boolean
-language sql stable as $$
-    select p_now - make_interval(secs => (p_error ->> 'give_up_after')::double precision) > coalesce((
-        select min((e.entry ->> 'at')::timestamptz)
-        from jsonb_array_elements(p_errors) with ordinality as e(entry, n)
-        where e.n > coalesce((
-            select max(other.n)
-            from jsonb_array_elements(p_errors) with ordinality as other(entry, n)
-            where other.entry ->> 'kind' is distinct from p_error ->> 'kind'), 0)
-    ), p_now)
+language sql immutable as $$
+    select p_now - make_interval(secs => (p_error ->> 'give_up_after')::double precision) >
+        coalesce((p_errors -> -1 ->> 'first_at')::timestamptz, p_now)
 $$;
 
 create function pgqueue.complete_jobs_v2(
@@ -94,8 +90,16 @@ begin
                 end,
             errors = case
                 when o.error is null then j.errors
+                when o.outcome <> 'deferred' then j.errors || jsonb_build_array(o.error ||
+                    jsonb_build_object('attempt', j.attempt, 'at', v_now, 'worker', p_worker))
+                -- another hand-back in a row (of either kind): it replaces the last entry
+                when j.errors -> -1 ? 'first_at' then (j.errors - -1) ||
+                    jsonb_build_array(o.error || jsonb_build_object(
+                        'attempt', j.attempt, 'at', v_now, 'worker', p_worker,
+                        'first_at', j.errors -> -1 -> 'first_at',
+                        'count', (j.errors -> -1 ->> 'count')::integer + 1))
                 else j.errors || jsonb_build_array(o.error || jsonb_build_object(
-                    'attempt', j.attempt, 'at', v_now, 'worker', p_worker))
+                    'attempt', j.attempt, 'at', v_now, 'worker', p_worker, 'first_at', v_now, 'count', 1))
             end,
             worker = case
                 when o.outcome = 'deferred' then case when pgqueue.deferral_expired(j.errors, o.error, v_now) then j.worker end
