@@ -291,6 +291,15 @@ def test_a_job_that_kills_its_worker_three_times_in_a_row_is_dead_lettered(
         "select attempt, errors -> -1 ->> 'error' from pgqueue.jobs where id = %s", (job_id,)
     ).fetchone()
     assert row is not None and row[0] == 3 and "last 3 attempts all ended this way" in row[1]
+    # each lost attempt is in the attempt history: claimed by w1 at its claim, end unknown
+    attempts = connection.execute(
+        "select attempt, worker, outcome, started_at, ended_at from pgqueue.attempts"
+        " where job_id = %s order by attempt",
+        (job_id,),
+    ).fetchall()
+    assert attempts == [
+        (n, "w1", "lease_expired", T0 + timedelta(seconds=6 * (n - 1)), None) for n in (1, 2, 3)
+    ]
 
 
 def test_a_redriven_poison_job_gets_three_fresh_expiries_before_the_dead_letter(

@@ -39,6 +39,11 @@ language sql volatile as $$
     delete from pgqueue.leaders where duty = p_duty and worker = p_worker;
 $$;
 
+-- Every attempt that did not succeed, one JSON object each (attempt, worker, outcome,
+-- started_at, ended_at, seconds): the rescue below records attempts lost with their
+-- worker, complete_jobs_v2 (0003) every other; the pgqueue.attempts view reads it.
+alter table pgqueue.jobs add column history jsonb not null default '[]';
+
 -- Rescue in bounded batches, with backoff, and with a limit for poison jobs.
 -- * At most p_limit jobs per call (the leader calls again while a batch comes back
 --   full), so one sweep never holds thousands of row locks in one transaction.
@@ -91,6 +96,11 @@ begin
                     else format('lease expired at %s: worker %s stopped heartbeating (crashed or lost '
                                 'its connection)', j.lease_expires_at, j.worker) end,
                 'traceback', null)),
+            -- lost with its worker: it started at its claim as far as the database knows
+            -- (the handler's own start never came back), and when it ended is not known
+            history = j.history || jsonb_build_array(jsonb_build_object(
+                'attempt', j.attempt, 'worker', j.worker, 'outcome', 'lease_expired',
+                'started_at', j.started_at, 'ended_at', null, 'seconds', null)),
             worker = null,
             lease_expires_at = null
         from expired e

@@ -8,12 +8,10 @@
 --
 -- Times tell the truth: the worker reports when each handler began and ended, so
 -- `started_at` is the handler's start (not the claim), `finished_at` of a success is the
--- handler's end, and `history` keeps every other attempt that ran; the pgqueue.attempts
+-- handler's end, and `history` (0002) keeps every other attempt that ran; the pgqueue.attempts
 -- view joins both, one row per attempt, for run-time percentiles per task in plain SQL.
 -- complete_jobs_v2 takes the two extra arrays;
 -- complete_jobs (0001's signature, still called by older workers) forwards to it.
-
-alter table pgqueue.jobs add column history jsonb not null default '[]';
 
 -- Has a job handed back as 'deferred' (above) waited longer than the `give_up_after`
 -- seconds its error entry carries, counted from the first hand-back in a row? Hand-backs
