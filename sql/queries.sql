@@ -128,12 +128,15 @@ select count(*) filter (where pgqueue.retry_job(id)), max(id) from batch
 -- name: recorded_attempts
 -- Which of these attempts already have their outcome recorded by this worker (a call
 -- whose reply was lost had committed): a success is the row itself, any other outcome
--- an entry in the job's history.
+-- an entry in the job's history (not the one the rescue wrote when the lease ran out).
 select o.id, null::pgqueue.job_state, null::timestamptz
 from unnest(%(ids)s::bigint[], %(attempts)s::integer[]) as o(id, attempt)
 join pgqueue.jobs j on j.id = o.id
 where (j.state = 'succeeded' and j.attempt = o.attempt and j.worker = %(worker)s::text)
-   or j.history @> jsonb_build_array(jsonb_build_object('attempt', o.attempt, 'worker', %(worker)s::text))
+   or exists (
+       select from jsonb_array_elements(j.history) as h(entry)
+       where h.entry @> jsonb_build_object('attempt', o.attempt, 'worker', %(worker)s::text)
+         and h.entry ->> 'outcome' <> 'lease_expired')
 
 -- name: register_tasks
 -- A worker records the tasks it serves when it starts (the last worker to start wins).
