@@ -16,9 +16,11 @@ from .errors import (
     UnknownTaskError,
 )
 from .hooks import (
+    Connected,
     Hooks,
     JobFinished,
     JobRescued,
+    JobsClaimed,
     JobStarted,
     OutcomesFlushed,
     WorkerStarted,
@@ -34,6 +36,7 @@ from .worker import Worker
 __all__ = [
     "App",
     "ConfigurationError",
+    "Connected",
     "DatabaseUnavailableError",
     "Fail",
     "Hooks",
@@ -46,6 +49,7 @@ __all__ = [
     "JobRescued",
     "JobStarted",
     "JobState",
+    "JobsClaimed",
     "MigrationChecksumError",
     "MigrationLockTimeoutError",
     "OutcomesFlushed",

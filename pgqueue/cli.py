@@ -1,4 +1,5 @@
-"""The `pgqueue` command: migrate, worker, enqueue, status, cancel, retry, dead, job, demo."""
+"""The `pgqueue` command: migrate, worker, enqueue, status, health, metrics, cancel, retry,
+dead, job, demo."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 import psycopg
 from pydantic import ValidationError
 
+from . import monitoring
 from .app import App
 from .database import redact
 from .errors import ConfigurationError, PgQueueError
@@ -66,6 +68,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    """argparse type: a TCP port (0: any free one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {value}")
+    return value
+
+
 def _error(message: str) -> None:
     print(f"pgqueue: error: {message}", file=sys.stderr)
 
@@ -101,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     command.add_argument("--lease-seconds", type=float, help="lease of a running job")
     command.add_argument("--shutdown-grace", type=float, help="seconds to finish jobs on SIGTERM")
     command.add_argument("--burst", action="store_true", help="exit once the queues are empty")
+    command.add_argument(
+        "--metrics-port", type=_port, help="serve /metrics and /health on this port ($PGQUEUE_METRICS_PORT)"
+    )
     command.set_defaults(handler=_worker)
 
     command = commands.add_parser("enqueue", help="enqueue a job and print its id")
@@ -115,9 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     command.add_argument("--timeout", type=float, help="seconds")
     command.set_defaults(handler=_enqueue)
 
-    command = commands.add_parser("status", help="jobs per queue and state")
-    command.add_argument("--json", action="store_true", help="machine-readable output")
-    command.set_defaults(handler=_status)
+    monitoring.add_commands(commands, _settings, _port)
 
     for name, text in (("cancel", "cancel a queued job"), ("retry", "requeue a dead or cancelled job")):
         command = commands.add_parser(name, help=text)
@@ -197,6 +211,7 @@ def _worker(arguments: argparse.Namespace) -> int:
         "lease_seconds": arguments.lease_seconds,
         "shutdown_grace": arguments.shutdown_grace,
         "queues": arguments.queues,
+        "metrics_port": arguments.metrics_port,
     }
     if arguments.no_listen:
         overrides["listen"] = False
@@ -257,26 +272,6 @@ def _check(connection: psycopg.Connection[Any]) -> None:
     from .migrate import check_schema
 
     check_schema(connection)
-
-
-def _status(arguments: argparse.Namespace) -> int:
-    from .status import queue_states
-
-    app = _plain_app(arguments)
-    with psycopg.connect(app.dsn, autocommit=True) as connection:
-        _check(connection)
-        states = queue_states(connection)
-    if arguments.json:
-        print(json.dumps([state.as_json() for state in states], indent=2))
-        return 0
-    if not states:
-        print("no jobs")
-        return 0
-    print(f"{'queue':<20} {'state':<10} {'jobs':>8}  oldest due")
-    for state in states:
-        due = state.oldest_due.isoformat(timespec="seconds") if state.oldest_due else ""
-        print(f"{state.queue:<20} {state.state:<10} {state.jobs:>8}  {due}")
-    return 0
 
 
 def _control(arguments: argparse.Namespace, action: str) -> int:

@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -78,11 +79,19 @@ class WorkerConnection:
     each role wants its own connection so a slow flush never delays a claim.
     """
 
-    def __init__(self, dsn: str, role: str, timeout: float) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        role: str,
+        timeout: float,
+        on_connect: Callable[[str, bool], None] | None = None,
+    ) -> None:
         self.dsn = dsn
         self.role = role
         self.timeout = timeout
         self._connection: psycopg.AsyncConnection[Any] | None = None
+        self._on_connect = on_connect  # (role, reconnect): for the Connected hook
+        self._connects = 0
 
     async def connect(self) -> psycopg.AsyncConnection[Any]:
         if self._connection is None or self._connection.closed:
@@ -96,6 +105,9 @@ class WorkerConnection:
                 tcp_user_timeout=int(self.timeout * 1000),
                 **KEEPALIVES,
             )
+            self._connects += 1
+            if self._on_connect is not None:
+                self._on_connect(self.role, self._connects > 1)
         return self._connection
 
     async def fetch(self, statement: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:

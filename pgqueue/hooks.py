@@ -13,8 +13,8 @@ handlers after it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .models import ClaimedJob
@@ -68,6 +68,9 @@ class OutcomesFlushed:
     outcomes: Sequence[Outcome]
     recorded: int
     seconds: float
+    # the state each recorded job is in now ("succeeded", "queued" for a retry or a
+    # hand-back, "dead"), by job id; a job missing here had lost its lease
+    states: Mapping[int, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,46 @@ class JobRescued:
     state: str
 
 
-Event = WorkerStarted | WorkerStopped | JobStarted | JobFinished | OutcomesFlushed | JobRescued
-E = TypeVar("E", WorkerStarted, WorkerStopped, JobStarted, JobFinished, OutcomesFlushed, JobRescued)
+@dataclass(frozen=True)
+class JobsClaimed:
+    """One claim call returned `jobs` jobs (zero too) in `seconds`."""
+
+    worker: str
+    jobs: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Connected:
+    """One of the worker's connections (`role`: claim, complete, heartbeat, maintenance,
+    listen) was opened; `reconnect` when it replaces one that was lost."""
+
+    worker: str
+    role: str
+    reconnect: bool
+
+
+Event = (
+    WorkerStarted
+    | WorkerStopped
+    | JobStarted
+    | JobFinished
+    | OutcomesFlushed
+    | JobRescued
+    | JobsClaimed
+    | Connected
+)
+E = TypeVar(
+    "E",
+    WorkerStarted,
+    WorkerStopped,
+    JobStarted,
+    JobFinished,
+    OutcomesFlushed,
+    JobRescued,
+    JobsClaimed,
+    Connected,
+)
 
 
 class Hooks:

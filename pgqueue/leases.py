@@ -32,9 +32,10 @@ class Heartbeat:
         held: Callable[[], list[tuple[int, int]]],
         running: Callable[[], set[tuple[int, int]]],
         lost: Callable[[set[tuple[int, int]]], None],
+        on_connect: Callable[[str, bool], None] | None = None,
     ) -> None:
         self._connection = WorkerConnection(
-            dsn, "heartbeat", min(statement_timeout, max(1.0, lease_seconds / 3))
+            dsn, "heartbeat", min(statement_timeout, max(1.0, lease_seconds / 3)), on_connect
         )
         self._worker = worker
         self._lease = lease_seconds

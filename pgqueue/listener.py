@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from .connection import Backoff, WorkerConnection
 from .outcomes import describe
@@ -30,8 +31,9 @@ class Listener:
         statement_timeout: float,
         poll_interval: float,
         reconnect_max_delay: float,
+        on_connect: Callable[[str, bool], None] | None = None,
     ) -> None:
-        self._connection = WorkerConnection(dsn, "listen", statement_timeout)
+        self._connection = WorkerConnection(dsn, "listen", statement_timeout, on_connect)
         self._served = set(queues)
         self._wake = wake
         self._poll_interval = poll_interval

@@ -64,6 +64,25 @@ class Settings(BaseSettings):
         description="a job handed back that way for this long (from its first hand-back) is dead-lettered",
     )
 
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="serve /metrics and /health on this port (a worker; 0 picks a free port); "
+        "unset serves nothing",
+    )
+    metrics_host: str = Field(default="0.0.0.0", description="address the metrics port listens on")
+    health_max_ready_age: float = Field(
+        default=300.0,
+        gt=0,
+        description="health: a queue whose oldest ready job waited longer than this is degraded",
+    )
+    health_dead_window: float = Field(
+        default=900.0,
+        gt=0,
+        description="health: jobs dead-lettered within this many seconds make the queue degraded",
+    )
+
     def __init__(self, **values: Any) -> None:
         # A bad setting is bad input at the edge: pgqueue's typed error, not pydantic's.
         try:

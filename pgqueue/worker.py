@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,10 +34,19 @@ from .connection import CONNECTION_ERRORS, Backoff, DatabaseUnavailable, WorkerC
 from .context import JobContext, _current
 from .errors import ConfigurationError, SchemaError
 from .executors import Executors
-from .hooks import JobFinished, JobStarted, OutcomesFlushed, WorkerStarted, WorkerStopped
+from .hooks import (
+    Connected,
+    JobFinished,
+    JobsClaimed,
+    JobStarted,
+    OutcomesFlushed,
+    WorkerStarted,
+    WorkerStopped,
+)
 from .leases import Heartbeat
 from .listener import Listener
 from .maintenance import Maintenance
+from .metrics.worker import serve_worker_metrics
 from .migrate import check_schema_async
 from .models import NAME_PATTERN, ClaimedJob
 from .outcomes import Outcome, describe
@@ -144,13 +154,14 @@ class Worker:
         signals_installed = self._install_signals()
         settings = self.settings
         dsn = self.app.dsn
-        self._claimer = WorkerConnection(dsn, "claim", settings.statement_timeout)
-        completer_connection = WorkerConnection(dsn, "complete", settings.statement_timeout)
+        self._claimer = WorkerConnection(dsn, "claim", settings.statement_timeout, self._connected)
+        completer_connection = WorkerConnection(dsn, "complete", settings.statement_timeout, self._connected)
         self._completer = Completer(
             completer_connection, self.worker_id, settings.reconnect_max_delay, on_recorded=self._recorded
         )
         self._executors = Executors(self.concurrency, on_slot_freed=self._slot_freed.set)
         background: list[asyncio.Task[None]] = []
+        stop_metrics: Callable[[], None] | None = None
         try:
             if not await self._wait_for_schema():
                 return
@@ -166,6 +177,10 @@ class Worker:
                 task = asyncio.create_task(job, name=f"pgqueue-{name}")
                 task.add_done_callback(_report_crash)
                 background.append(task)
+            if settings.metrics_port is not None:
+                stop_metrics = serve_worker_metrics(
+                    self.app.hooks, settings, dsn, lambda: (len(self._running), self.concurrency)
+                )
             self.started.set()
             self.app.hooks.emit(WorkerStarted(self.worker_id, tuple(self.queues), self.concurrency))
             await self._claim_loop()
@@ -182,6 +197,8 @@ class Worker:
                     self._loop.remove_signal_handler(signum)
             log.info("worker %s stopped after %d job(s)", self.worker_id, self.jobs_done)
             self.app.hooks.emit(WorkerStopped(self.worker_id, self.jobs_done))
+            if stop_metrics is not None:
+                stop_metrics()
 
     def _background_jobs(self, dsn: str) -> list[tuple[str, Any]]:
         """The loops that run beside the claim loop, each on a connection of its own."""
@@ -196,6 +213,7 @@ class Worker:
                 statement_timeout=settings.statement_timeout,
                 poll_interval=settings.poll_interval,
                 reconnect_max_delay=settings.reconnect_max_delay,
+                on_connect=self._connected,
             )
             jobs.append(("listen", listener.run()))
         heartbeat = Heartbeat(
@@ -206,14 +224,18 @@ class Worker:
             held=lambda: [*self._running, *self._completer.unrecorded()],
             running=lambda: set(self._running),
             lost=self._leases_lost,
+            on_connect=self._connected,
         )
         jobs.append(("heartbeat", heartbeat.run()))
         self.maintenance = Maintenance(
             dsn,
             self.worker_id,
             self.app.hooks,
+            queues=self.queues,
+            concurrency=self.concurrency,
             interval=min(settings.rescue_interval, settings.lease_seconds),
             statement_timeout=settings.statement_timeout,
+            on_connect=self._connected,
         )
         jobs.append(("maintenance", self.maintenance.run()))
         return jobs
@@ -251,6 +273,7 @@ class Worker:
     async def _claim_loop(self) -> None:
         assert self._wake and self._slot_freed
         backoff = Backoff(cap=self.settings.reconnect_max_delay)
+        hooks = self.app.hooks
         params: dict[str, Any] = {
             "worker": self.worker_id,
             "queues": self.queues,
@@ -272,7 +295,10 @@ class Worker:
                 if self._claim_uncertain:
                     await self._release_orphans()
                     self._claim_uncertain = False
+                asked = time.monotonic()
                 rows = await self._claimer.fetch(query("claim_jobs"), params)
+                if hooks.wants(JobsClaimed):
+                    hooks.emit(JobsClaimed(self.worker_id, len(rows), time.monotonic() - asked))
             except (DatabaseUnavailable, psycopg.Error) as error:
                 # The claim may have committed with its reply lost: those jobs are ours but
                 # not running here, so hand them back before claiming again.
@@ -380,7 +406,11 @@ class Worker:
         # outcomes stored: slots held back by a backlog of unrecorded outcomes are free again
         assert self._slot_freed
         self._slot_freed.set()
-        self.app.hooks.emit(OutcomesFlushed(self.worker_id, outcomes, len(rows), seconds))
+        states = {int(row[0]): str(row[1]) for row in rows if row[1] is not None}
+        self.app.hooks.emit(OutcomesFlushed(self.worker_id, outcomes, len(rows), seconds, states))
+
+    def _connected(self, role: str, reconnect: bool) -> None:
+        self.app.hooks.emit(Connected(self.worker_id, role, reconnect))
 
     # -- shutdown -------------------------------------------------------------------
 

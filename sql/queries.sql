@@ -94,14 +94,18 @@ select pgqueue.retry_job(%(id)s)
 select state from pgqueue.jobs where id = %(id)s
 
 -- name: status_counts
--- Jobs per queue and state; queued jobs not yet due count as 'scheduled'.
-select queue,
-       case when state = 'queued' and run_at > now() then 'scheduled' else state::text end as state,
-       count(*) as jobs,
-       min(run_at) filter (where state = 'queued' and run_at <= now()) as oldest_due
-from pgqueue.jobs
-group by 1, 2
-order by 1, 2
+-- Jobs per queue and state (ready, scheduled, running, dead), from pgqueue.queue_stats.
+select queue, state, jobs, oldest_due from pgqueue.queue_stats order by queue, state
+
+-- name: status_recent
+-- Over the last %(seconds)s seconds: jobs that reached a final state, successes, failed
+-- attempts, the mean run time of the successes; and the live workers now.
+select coalesce(sum(s.succeeded + s.dead + s.cancelled), 0)::bigint,
+       coalesce(sum(s.succeeded), 0)::bigint,
+       coalesce(sum(s.failed_attempts), 0)::bigint,
+       sum(s.run_mean_seconds * s.succeeded) / nullif(sum(s.succeeded), 0),
+       (select count(*) from pgqueue.workers where status = 'live')
+from pgqueue.task_stats_since(now() - make_interval(secs => %(seconds)s)) as s
 
 -- name: dead_jobs
 -- The dead letter, newest first.
@@ -178,3 +182,44 @@ select
 from (values (1)) as one
 left join registered r on true
 returning id, exists (select 1 from registered)
+
+-- name: worker_seen
+-- A worker is alive (at start and every maintenance round); lost if not seen for %(ttl)s s.
+select pgqueue.worker_seen(%(worker)s, %(host)s, %(pid)s, %(queues)s::text[], %(concurrency)s,
+                           %(version)s, %(ttl)s, %(now)s)
+
+-- name: worker_stopped
+-- A worker says it stopped.
+select pgqueue.worker_stopped(%(worker)s)
+
+-- name: prune_worker_sessions
+-- The leader forgets workers that stopped or were lost a day ago.
+select pgqueue.prune_worker_sessions()
+
+-- name: metrics_queue_stats
+-- The exporter's scrape: jobs per queue and state, and the oldest ready job's age.
+select queue, state, jobs, oldest_age_seconds from pgqueue.queue_stats
+
+-- name: metrics_workers
+-- The exporter's scrape: worker processes by status.
+select status, count(*) from pgqueue.workers group by status
+
+-- name: health_queues
+-- Per queue with jobs waiting: ready jobs, the oldest one's age, and how many live
+-- workers serve the queue.
+select s.queue, s.jobs, s.oldest_age_seconds,
+       (select count(*) from pgqueue.workers w
+        where w.status = 'live' and s.queue = any(w.queues)) as live_workers
+from pgqueue.queue_stats s
+where s.state = 'ready'
+order by s.queue
+
+-- name: health_dead_recent
+-- Jobs dead-lettered in the last %(seconds)s seconds (from the finished-jobs index).
+select count(*) from pgqueue.jobs
+where finished_at >= now() - make_interval(secs => %(seconds)s) and finished_at is not null
+  and state = 'dead'
+
+-- name: health_live_workers
+-- Live worker processes.
+select count(*) from pgqueue.workers where status = 'live'

@@ -63,12 +63,13 @@ def test_migrate_enqueue_status_job_cancel_and_retry(empty_dsn: str) -> None:
         3,
     )
     status = json.loads(pgqueue("--dsn", empty_dsn, "status", "--json").stdout)
-    assert {(row["queue"], row["state"], row["jobs"]) for row in status} == {
-        ("reports", "queued", 1),
+    assert {(row["queue"], row["state"], row["jobs"]) for row in status["queues"]} == {
+        ("reports", "ready", 1),
         ("default", "scheduled", 1),
     }
+    assert (status["oldest_ready"]["queue"], status["finished"], status["live_workers"]) == ("reports", 0, 0)
     table = pgqueue("--dsn", empty_dsn, "status").stdout
-    assert "reports" in table and "scheduled" in table
+    assert "reports" in table and "scheduled" in table and "live workers: 0" in table
 
     cancelled = pgqueue("--dsn", empty_dsn, "cancel", str(job_id))
     assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout

@@ -1,15 +1,17 @@
-"""The maintenance loop every worker runs: lead if nobody does, then do the duties."""
+"""The maintenance loop every worker runs: say it is alive, lead if nobody does, do the duties."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import psycopg
 
 from ..connection import DatabaseUnavailable, WorkerConnection
 from ..hooks import Hooks
 from .leader import Leadership
+from .presence import Presence, prune_sessions
 from .rescue import rescue_expired
 
 log = logging.getLogger("pgqueue")
@@ -25,13 +27,23 @@ class Maintenance:
     """
 
     def __init__(
-        self, dsn: str, worker: str, hooks: Hooks, *, interval: float, statement_timeout: float
+        self,
+        dsn: str,
+        worker: str,
+        hooks: Hooks,
+        *,
+        queues: list[str],
+        concurrency: int,
+        interval: float,
+        statement_timeout: float,
+        on_connect: Callable[[str, bool], None] | None = None,
     ) -> None:
-        self._connection = WorkerConnection(dsn, "maintenance", statement_timeout)
+        self._connection = WorkerConnection(dsn, "maintenance", statement_timeout, on_connect)
         self._interval = interval
         self._worker = worker
         self._hooks = hooks
         self.leadership = Leadership(self._connection, DUTY, worker, term=3 * interval)
+        self.presence = Presence(self._connection, worker, queues, concurrency, ttl=3 * interval)
 
     async def run(self) -> None:
         try:
@@ -44,18 +56,21 @@ class Maintenance:
     async def round(self) -> None:
         """One pass: the lead, then each duty; a failure is logged, never fatal."""
         try:
+            await self.presence.seen()
             if await self.leadership.renew():
                 await rescue_expired(self._connection, self._worker, self._hooks)
+                await prune_sessions(self._connection)
         except DatabaseUnavailable:
             self.leadership.leading = False  # the lease may run out meanwhile: ask again
         except psycopg.Error:
             log.exception("maintenance round failed")
 
     async def stop(self) -> None:
-        """Step down so another worker leads at once, then close the connection."""
+        """Step down so another worker leads at once, say this worker stopped, close the connection."""
         try:
             await self.leadership.resign()
+            await self.presence.stopped()
         except (DatabaseUnavailable, psycopg.Error):
-            pass  # the lease runs out by itself
+            pass  # the lease runs out by itself, and the worker's row says "lost" in a while
         finally:
             await self._connection.close()
