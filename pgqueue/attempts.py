@@ -32,22 +32,30 @@ async def run_attempt(
     """The outcome of running `job` once in this worker; never raises for the job's faults."""
     task = tasks.get(job.task)
     if task is None:
-        return hand_back(
+        return _stamped(
+            hand_back(
+                job,
+                settings,
+                "unknown_task",
+                f"UnknownTaskError: task {job.task!r} is not registered in the app of worker "
+                f"{context.worker} (which registers {len(tasks)} task(s))",
+            ),
             job,
-            settings,
-            "unknown_task",
-            f"UnknownTaskError: task {job.task!r} is not registered in the app of worker "
-            f"{context.worker} (which registers {len(tasks)} task(s))",
+            None,
         )
     try:
         args, kwargs = task.call_arguments(job.args)
     except TypeError as error:
-        return hand_back(
+        return _stamped(
+            hand_back(
+                job,
+                settings,
+                "bad_arguments",
+                f"InvalidJobError: stored arguments do not fit task {job.task!r} in worker "
+                f"{context.worker}: {error}",
+            ),
             job,
-            settings,
-            "bad_arguments",
-            f"InvalidJobError: stored arguments do not fit task {job.task!r} in worker "
-            f"{context.worker}: {error}",
+            None,
         )
 
     started: list[float] = []
@@ -64,8 +72,11 @@ async def run_attempt(
         )
 
     outcome = await outcome_of(job, call, releasing=releasing)
-    if not started:
-        return outcome
+    return _stamped(outcome, job, started[0] if started else None)
+
+
+def _stamped(outcome: Outcome, job: ClaimedJob, started_at: float | None) -> Outcome:
+    """`outcome` with the handler's times (when it ran) and the job's task and queue."""
     # the constructor, not dataclasses.replace: this runs once per job (replace cost 3 µs)
     return Outcome(
         outcome.job_id,
@@ -74,6 +85,8 @@ async def run_attempt(
         outcome.result_json,
         outcome.error,
         outcome.retry_in,
-        started[0],
-        time.time(),
+        started_at,
+        time.time() if started_at is not None else None,
+        job.task,
+        job.queue,
     )

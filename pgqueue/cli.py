@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 from pydantic import ValidationError
 
-from . import monitoring
+from . import logs, monitoring
 from .app import App
 from .database import redact
 from .errors import ConfigurationError, PgQueueError
@@ -33,11 +33,7 @@ EXIT_USAGE = 2
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     arguments = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if arguments.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(logging.DEBUG if arguments.verbose else logging.INFO, arguments.log_format)
     try:
         result: int = arguments.handler(arguments)
         return result
@@ -68,6 +64,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _log_format_from_environment() -> str:
+    # read before any Settings: logging is set up first, so settings errors are logged too
+    value = os.environ.get("PGQUEUE_LOG_FORMAT", "text").strip().lower() or "text"
+    if value not in logs.FORMATS:
+        raise SystemExit(f"pgqueue: error: PGQUEUE_LOG_FORMAT must be text or json, got {value!r}")
+    return value
+
+
 def _port(text: str) -> int:
     """argparse type: a TCP port (0: any free one)."""
     try:
@@ -90,6 +94,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dsn", help="database (default: $PGQUEUE_DSN, else an embedded Postgres)")
     parser.add_argument("--data-dir", help="embedded Postgres data directory ($PGQUEUE_DATA_DIR)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        default=_log_format_from_environment(),
+        help="text, or one JSON object per line ($PGQUEUE_LOG_FORMAT; default text)",
+    )
 
     def usage(_: argparse.Namespace) -> int:
         parser.print_help()

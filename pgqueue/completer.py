@@ -18,6 +18,7 @@ from typing import Any
 import psycopg
 
 from .connection import Backoff, DatabaseUnavailable, WorkerConnection, is_data_error
+from .logs import outcome_fields
 from .outcomes import Outcome
 from .sql import query
 
@@ -195,6 +196,8 @@ class Completer:
                     },
                     started_at=outcome.started_at,
                     ended_at=outcome.ended_at,
+                    task=outcome.task,
+                    queue=outcome.queue,
                 )
             try:
                 rows += await self._connection.fetch(query("complete_jobs"), self._params([failure]))
@@ -231,6 +234,7 @@ class Completer:
                     outcome.attempt,
                     "no retry for this failure" if outcome.kind == "fatal" else "no attempts left",
                     reason,
+                    extra=outcome_fields(outcome, "dead"),
                 )
         if len(rows) != len(batch):
             recorded = {row[0] for row in rows}
@@ -242,6 +246,7 @@ class Completer:
                         outcome.kind,
                         outcome.job_id,
                         outcome.attempt,
+                        extra=outcome_fields(outcome, "lease_lost"),
                     )
         if self._on_recorded is not None:
             self._on_recorded(batch, rows, seconds)

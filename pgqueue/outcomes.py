@@ -69,6 +69,9 @@ class Outcome:
     # to take and to send than datetimes); None when it never started
     started_at: float | None = None
     ended_at: float | None = None
+    # the job's task and queue, for logs, hooks and metrics (not recorded: the row has them)
+    task: str = ""
+    queue: str = ""
 
 
 async def outcome_of(
@@ -136,7 +139,20 @@ def failure(
     """A failed attempt of `job`, logged (but for a requested retry)."""
     if kind != "retry":
         log.warning(
-            "job %d %s attempt %d/%d failed: %s", job.id, job.task, job.attempt, job.max_attempts, message
+            "job %d %s (queue %s) attempt %d/%d failed: %s",
+            job.id,
+            job.task,
+            job.queue,
+            job.attempt,
+            job.max_attempts,
+            message,
+            extra={
+                "job_id": job.id,
+                "task": job.task,
+                "queue": job.queue,
+                "attempt": job.attempt,
+                "outcome": kind,
+            },
         )
     # jsonb cannot hold U+0000, which an exception message may well contain
     message = message.replace("\x00", "\\x00")
@@ -165,11 +181,21 @@ def hand_back(job: ClaimedJob, settings: Settings, kind: str, message: str) -> O
     does not count. Handed back this way for longer than `unknown_task_timeout`, it is
     dead-lettered by `complete_jobs`."""
     log.warning(
-        "job %d handed back (in %gs, for a worker that can run it; dead-lettered if none has after %gs): %s",
+        "job %d %s (queue %s) handed back (in %gs, for a worker that can run it; dead-lettered if none "
+        "has after %gs): %s",
         job.id,
+        job.task,
+        job.queue,
         settings.handback_delay,
         settings.unknown_task_timeout,
         message,
+        extra={
+            "job_id": job.id,
+            "task": job.task,
+            "queue": job.queue,
+            "attempt": job.attempt,
+            "outcome": "handed_back",
+        },
     )
     error = {
         "kind": kind,

@@ -45,6 +45,7 @@ from .hooks import (
 )
 from .leases import Heartbeat
 from .listener import Listener
+from .logs import job_fields
 from .maintenance import Maintenance
 from .metrics.worker import serve_worker_metrics
 from .migrate import check_schema_async
@@ -104,6 +105,7 @@ class Worker:
         self._force_event: asyncio.Event | None = None
         self._slot_freed: asyncio.Event | None = None
         self.started = threading.Event()
+        self.metrics_port: int | None = None  # where /metrics is served, once started
 
     # -- control ------------------------------------------------------------------
 
@@ -178,7 +180,7 @@ class Worker:
                 task.add_done_callback(_report_crash)
                 background.append(task)
             if settings.metrics_port is not None:
-                stop_metrics = serve_worker_metrics(
+                self.metrics_port, stop_metrics = serve_worker_metrics(
                     self.app.hooks, settings, dsn, lambda: (len(self._running), self.concurrency)
                 )
             self.started.set()
@@ -370,6 +372,15 @@ class Worker:
         context = JobContext(job.id, job.task, job.queue, job.attempt, job.max_attempts, self.worker_id)
         token = _current.set(context)
         started = time.monotonic()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "job %d %s (queue %s) attempt %d started",
+                job.id,
+                job.task,
+                job.queue,
+                job.attempt,
+                extra=job_fields(job),
+            )
         if hooks.wants(JobStarted):
             waited = (datetime.now(UTC) - job.run_at).total_seconds()
             hooks.emit(JobStarted(self.worker_id, job, max(0.0, waited)))
@@ -383,7 +394,17 @@ class Worker:
             assert self._slot_freed
             self._slot_freed.set()
         seconds = time.monotonic() - started
-        log.debug("job %d %s: %s in %.3fs", job.id, job.task, outcome.kind, seconds)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "job %d %s (queue %s) attempt %d: %s in %.3fs",
+                job.id,
+                job.task,
+                job.queue,
+                job.attempt,
+                outcome.kind,
+                seconds,
+                extra=job_fields(job, outcome=outcome.kind, seconds=round(seconds, 6)),
+            )
         self.jobs_done += 1
         self._completer.add(outcome)
         if hooks.wants(JobFinished):

@@ -114,7 +114,6 @@ class WorkerMetrics(Collector):
         self._finished: dict[tuple[str, str, str], int] = {}
         self._run: dict[tuple[str, str], _Histogram] = {}
         self._wait: dict[tuple[str, str], _Histogram] = {}
-        self._pending: dict[tuple[int, int], tuple[str, str]] = {}  # (job, attempt) -> (queue, task)
         self._claims = _Histogram(BATCH_BUCKETS)
         self._claim_seconds = _Histogram(CALL_BUCKETS)
         self._flushes = _Histogram(BATCH_BUCKETS)
@@ -166,13 +165,13 @@ class WorkerMetrics(Collector):
         job = event.job
         key = (job.queue, job.task)
         self._in_flight -= 1
-        self._pending[job.id, job.attempt] = key
-        if event.outcome.kind in ("released", "deferred"):
-            return  # not a run of the handler: no run time
+        outcome = event.outcome
+        if outcome.started_at is None or outcome.ended_at is None or outcome.kind == "released":
+            return  # the handler never ran (a hand-back), or was stopped at shutdown
         run = self._run.get(key)
         if run is None:
             run = self._run[key] = _Histogram(DURATION_BUCKETS)
-        run.observe(event.seconds)
+        run.observe(outcome.ended_at - outcome.started_at)  # the handler's own time, no wait
 
     def _on_flushed(self, event: OutcomesFlushed) -> None:
         self._flushes.observe(len(event.outcomes))
@@ -180,8 +179,7 @@ class WorkerMetrics(Collector):
         states = event.states
         finished = self._finished
         for outcome in event.outcomes:
-            queue, task = self._pending.pop((outcome.job_id, outcome.attempt), ("", ""))
-            key = (queue, task, _final_outcome(outcome.kind, states.get(outcome.job_id)))
+            key = (outcome.queue, outcome.task, _final_outcome(outcome.kind, states.get(outcome.job_id)))
             finished[key] = finished.get(key, 0) + 1
 
     def _on_claimed(self, event: JobsClaimed) -> None:
@@ -295,8 +293,8 @@ def _histogram_family(
 
 def serve_worker_metrics(
     hooks: Hooks, settings: Settings, dsn: str, slots: Callable[[], tuple[int, int]]
-) -> Callable[[], None]:
-    """Start serving a worker's /metrics and /health on `settings.metrics_port`; returns the stopper."""
+) -> tuple[int, Callable[[], None]]:
+    """Serve a worker's /metrics and /health on `settings.metrics_port`: (the port, the stopper)."""
     from prometheus_client import CollectorRegistry
 
     from ..health import check_health
@@ -324,4 +322,4 @@ def serve_worker_metrics(
         metrics.detach(hooks)
         server.close()
 
-    return stop
+    return server.port, stop

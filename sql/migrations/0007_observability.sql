@@ -154,3 +154,33 @@ select date_trunc('minute', finished_at) as minute, queue, state, count(*) as jo
 from pgqueue.jobs
 where finished_at >= now() - interval '1 hour' and finished_at is not null
 group by 1, 2, 3;
+
+-- Failed attempts since `p_since`, with their error: of the jobs that reached a final
+-- state since then (the finished-jobs index) and of those queued or running now (the
+-- claim and lease indexes), never a scan of all history.
+create function pgqueue.failures_since(p_since timestamptz)
+returns table (
+    job_id bigint,
+    task text,
+    queue text,
+    state pgqueue.job_state,
+    attempt integer,
+    failed_at timestamptz,
+    worker text,
+    kind text,
+    error text
+)
+language sql stable as $$
+    select j.id, j.task, j.queue, j.state, (e.entry ->> 'attempt')::integer,
+           (e.entry ->> 'at')::timestamptz, e.entry ->> 'worker', e.entry ->> 'kind', e.entry ->> 'error'
+    from (
+        select * from pgqueue.jobs where finished_at >= p_since and finished_at is not null
+        union all
+        select * from pgqueue.jobs where state = 'queued'
+        union all
+        select * from pgqueue.jobs where state = 'running'
+    ) as j
+    cross join lateral jsonb_array_elements(j.errors) as e(entry)
+    where (e.entry ->> 'at')::timestamptz >= p_since
+      and e.entry ->> 'kind' not in ('redriven', 'unknown_task', 'bad_arguments')
+$$;
