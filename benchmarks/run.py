@@ -441,15 +441,18 @@ def bench_bulk_enqueue(b: Bench) -> None:
 # -- 3. drain -------------------------------------------------------------------------------
 
 
-def drain_once(b: Bench, processes: int, concurrency: int) -> dict[str, Any]:
+def drain_once(
+    b: Bench, processes: int, concurrency: int, env: dict[str, str] | None = None, label: str = ""
+) -> dict[str, Any]:
     count = b.config.drain_jobs
     b.reset()
     b.fill(count)
-    tag = f"drain-{processes}x{concurrency}"
+    tag = f"drain{label}-{processes}x{concurrency}"
     spawned_at = time.time()
     started = time.perf_counter()
     workers = [
-        b.spawn_worker(bench.NOOP_QUEUE, concurrency, burst=True, tag=f"{tag}-{i}") for i in range(processes)
+        b.spawn_worker(bench.NOOP_QUEUE, concurrency, burst=True, tag=f"{tag}-{i}", env=env)
+        for i in range(processes)
     ]
     poll = b.admin.cursor()
     timeout = 30 + count / 100  # give up below 100 jobs/s
@@ -610,6 +613,64 @@ def bench_drain_ceilings(b: Bench) -> None:
     for name, clients in runs:
         ceilings[f"{name}-c{clients}"] = pgbench_drain_ceiling(b, name, clients)
     b.results["drain_ceilings"] = ceilings
+
+
+# -- 5. metrics: their cost on the hot path, and a scrape of the exporter -------------------
+
+
+def bench_metrics_overhead(b: Bench) -> None:
+    """Drain with a worker's metrics on (--metrics-port, every job counted and timed) and
+    off, in alternation, one process at c=200: the median of each side, and their ratio."""
+    rounds = 3 if b.config.name == "full" else 1
+    on: list[float] = []
+    off: list[float] = []
+    for _ in range(rounds):
+        off.append(drain_once(b, 1, 200, label="-nometrics")["window_jobs_per_s"])
+        on.append(
+            drain_once(b, 1, 200, env={"PGQUEUE_METRICS_PORT": "0"}, label="-metrics")["window_jobs_per_s"]
+        )
+    b.results["metrics_overhead"] = {
+        "off_jobs_per_s": statistics.median(off),
+        "on_jobs_per_s": statistics.median(on),
+        "off_rounds": off,
+        "on_rounds": on,
+    }
+    log(f"drain with metrics {rate(statistics.median(on))}, without {rate(statistics.median(off))}")
+
+
+def bench_exporter_scrape(b: Bench) -> None:
+    """Scrapes of the database exporter's collector with a big finished history (a million
+    jobs in the full run) beside a small live queue: median and worst of 20 scrapes."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from pgqueue.metrics import DatabaseCollector
+
+    history = 1_000_000 if b.config.name == "full" else 100_000
+    b.reset()
+    b.admin.execute(
+        "insert into pgqueue.jobs (task, queue, state, attempt, run_at, started_at, finished_at)"
+        " select 'old', 'bench', 'succeeded', 1, t, t, t + interval '1 second'"
+        " from generate_series(1, %s) as n,"
+        " lateral (select now() - interval '30 days' + n * interval '1 millisecond') as s(t)",
+        (history,),
+    )
+    b.fill(1_000)
+    registry = CollectorRegistry()
+    collector = DatabaseCollector(b.dsn)
+    registry.register(collector)
+    generate_latest(registry)  # connect once, as a running exporter is
+    seconds = []
+    for _ in range(20):
+        started = time.perf_counter()
+        generate_latest(registry)
+        seconds.append(time.perf_counter() - started)
+    collector.close()
+    b.results["exporter_scrape"] = {
+        "history_jobs": history,
+        "median_ms": statistics.median(seconds) * 1000,
+        "max_ms": max(seconds) * 1000,
+    }
+    log(f"exporter scrape with {history:,} finished jobs: median {statistics.median(seconds) * 1000:.1f} ms")
 
 
 # -- 4. latency -----------------------------------------------------------------------------
@@ -785,6 +846,34 @@ def table(b: Bench) -> str:
     elif "latency" in error:
         rows.append(("latency", "ERROR", "", "", ""))
 
+    metrics = r.get("metrics_overhead")
+    if metrics:
+        share = metrics["on_jobs_per_s"] / metrics["off_jobs_per_s"]
+        rows.append(
+            (
+                "drain 1 proc c=200, metrics on (vs off)",
+                rate(metrics["on_jobs_per_s"]),
+                f"{rate(metrics['off_jobs_per_s'])} (metrics off)",
+                f"{share:.0%}",
+                f">= 95%: {'ok' if share >= 0.95 else 'MISSED'}",
+            )
+        )
+    elif "metrics_overhead" in error:
+        rows.append(("metrics overhead", "ERROR", "", "", ""))
+    scrape = r.get("exporter_scrape")
+    if scrape:
+        rows.append(
+            (
+                f"exporter scrape, {scrape['history_jobs']:,} finished jobs",
+                f"{scrape['median_ms']:.1f} ms (max {scrape['max_ms']:.1f})",
+                "",
+                "",
+                f"< 100 ms: {'ok' if scrape['max_ms'] < 100 else 'MISSED'}",
+            )
+        )
+    elif "exporter_scrape" in error:
+        rows.append(("exporter scrape", "ERROR", "", "", ""))
+
     header = ("measure", "pgqueue", "raw-SQL ceiling", "pgqueue / ceiling", "target")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(5)]
 
@@ -870,6 +959,8 @@ PHASES: list[tuple[str, Callable[[Bench], None]]] = [
     ("drain", bench_drain),
     ("drain_ceilings", bench_drain_ceilings),
     ("latency", bench_latency),
+    ("metrics_overhead", bench_metrics_overhead),
+    ("exporter_scrape", bench_exporter_scrape),
 ]
 
 

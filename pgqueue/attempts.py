@@ -89,4 +89,5 @@ def _stamped(outcome: Outcome, job: ClaimedJob, started_at: float | None) -> Out
         time.time() if started_at is not None else None,
         job.task,
         job.queue,
+        job.run_at,
     )

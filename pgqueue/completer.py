@@ -198,6 +198,7 @@ class Completer:
                     ended_at=outcome.ended_at,
                     task=outcome.task,
                     queue=outcome.queue,
+                    due=outcome.due,
                 )
             try:
                 rows += await self._connection.fetch(query("complete_jobs"), self._params([failure]))

@@ -84,10 +84,10 @@ class JobRescued:
 
 @dataclass(frozen=True)
 class JobsClaimed:
-    """One claim call returned `jobs` jobs (zero too) in `seconds`."""
+    """One claim call returned these `jobs` (none too) in `seconds`."""
 
     worker: str
-    jobs: int
+    jobs: Sequence[ClaimedJob]
     seconds: float
 
 

@@ -21,6 +21,8 @@ from typing import Any
 from .models import ClaimedJob
 from .outcomes import Outcome
 
+log = logging.getLogger("pgqueue")
+
 FIELDS = ("job_id", "task", "queue", "attempt", "seconds", "outcome", "worker")
 FORMATS = ("text", "json")
 
@@ -28,6 +30,30 @@ FORMATS = ("text", "json")
 def job_fields(job: ClaimedJob, **more: Any) -> dict[str, Any]:
     """`extra=` fields of a log record about `job`."""
     return {"job_id": job.id, "task": job.task, "queue": job.queue, "attempt": job.attempt, **more}
+
+
+def log_job_started(job: ClaimedJob) -> None:
+    log.debug(
+        "job %d %s (queue %s) attempt %d started",
+        job.id,
+        job.task,
+        job.queue,
+        job.attempt,
+        extra=job_fields(job),
+    )
+
+
+def log_job_finished(job: ClaimedJob, outcome: str, seconds: float) -> None:
+    log.debug(
+        "job %d %s (queue %s) attempt %d: %s in %.3fs",
+        job.id,
+        job.task,
+        job.queue,
+        job.attempt,
+        outcome,
+        seconds,
+        extra=job_fields(job, outcome=outcome, seconds=round(seconds, 6)),
+    )
 
 
 def outcome_fields(outcome: Outcome, final: str) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import logging
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from .errors import InvalidJobError
@@ -69,9 +69,11 @@ class Outcome:
     # to take and to send than datetimes); None when it never started
     started_at: float | None = None
     ended_at: float | None = None
-    # the job's task and queue, for logs, hooks and metrics (not recorded: the row has them)
+    # the job's task, queue and due time, for logs, hooks and metrics (not recorded: the
+    # row has them)
     task: str = ""
     queue: str = ""
+    due: datetime | None = None
 
 
 async def outcome_of(

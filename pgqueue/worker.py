@@ -45,7 +45,7 @@ from .hooks import (
 )
 from .leases import Heartbeat
 from .listener import Listener
-from .logs import job_fields
+from .logs import log_job_finished, log_job_started
 from .maintenance import Maintenance
 from .metrics.worker import serve_worker_metrics
 from .migrate import check_schema_async
@@ -299,8 +299,9 @@ class Worker:
                     self._claim_uncertain = False
                 asked = time.monotonic()
                 rows = await self._claimer.fetch(query("claim_jobs"), params)
+                claimed = [ClaimedJob(*row) for row in rows]
                 if hooks.wants(JobsClaimed):
-                    hooks.emit(JobsClaimed(self.worker_id, len(rows), time.monotonic() - asked))
+                    hooks.emit(JobsClaimed(self.worker_id, claimed, time.monotonic() - asked))
             except (DatabaseUnavailable, psycopg.Error) as error:
                 # The claim may have committed with its reply lost: those jobs are ours but
                 # not running here, so hand them back before claiming again.
@@ -312,8 +313,8 @@ class Worker:
             if backoff.failures:
                 log.info("database reachable again; claiming jobs")
             backoff.reset()
-            for row in rows:
-                self._start(ClaimedJob(*row))
+            for job in claimed:
+                self._start(job)
             if len(rows) == free:
                 continue
             if not rows and self.burst and not self._running and await self._queues_drained():
@@ -373,14 +374,7 @@ class Worker:
         token = _current.set(context)
         started = time.monotonic()
         if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "job %d %s (queue %s) attempt %d started",
-                job.id,
-                job.task,
-                job.queue,
-                job.attempt,
-                extra=job_fields(job),
-            )
+            log_job_started(job)
         if hooks.wants(JobStarted):
             waited = (datetime.now(UTC) - job.run_at).total_seconds()
             hooks.emit(JobStarted(self.worker_id, job, max(0.0, waited)))
@@ -395,16 +389,7 @@ class Worker:
             self._slot_freed.set()
         seconds = time.monotonic() - started
         if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "job %d %s (queue %s) attempt %d: %s in %.3fs",
-                job.id,
-                job.task,
-                job.queue,
-                job.attempt,
-                outcome.kind,
-                seconds,
-                extra=job_fields(job, outcome=outcome.kind, seconds=round(seconds, 6)),
-            )
+            log_job_finished(job, outcome.kind, seconds)
         self.jobs_done += 1
         self._completer.add(outcome)
         if hooks.wants(JobFinished):
@@ -427,8 +412,9 @@ class Worker:
         # outcomes stored: slots held back by a backlog of unrecorded outcomes are free again
         assert self._slot_freed
         self._slot_freed.set()
-        states = {int(row[0]): str(row[1]) for row in rows if row[1] is not None}
-        self.app.hooks.emit(OutcomesFlushed(self.worker_id, outcomes, len(rows), seconds, states))
+        if self.app.hooks.wants(OutcomesFlushed):
+            states = {row[0]: row[1] for row in rows if row[1] is not None}
+            self.app.hooks.emit(OutcomesFlushed(self.worker_id, outcomes, len(rows), seconds, states))
 
     def _connected(self, role: str, reconnect: bool) -> None:
         self.app.hooks.emit(Connected(self.worker_id, role, reconnect))
