@@ -33,7 +33,7 @@ EXIT_USAGE = 2
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     arguments = parser.parse_args(argv)
-    logs.configure(logging.DEBUG if arguments.verbose else logging.INFO, arguments.log_format)
+    logs.configure(logging.DEBUG if arguments.verbose else logging.INFO, _log_format(arguments))
     try:
         result: int = arguments.handler(arguments)
         return result
@@ -64,12 +64,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _log_format_from_environment() -> str:
-    # read before any Settings: logging is set up first, so settings errors are logged too
-    value = os.environ.get("PGQUEUE_LOG_FORMAT", "text").strip().lower() or "text"
-    if value not in logs.FORMATS:
-        raise SystemExit(f"pgqueue: error: PGQUEUE_LOG_FORMAT must be text or json, got {value!r}")
-    return value
+def _log_format(arguments: argparse.Namespace) -> str:
+    if arguments.log_format:
+        return str(arguments.log_format)
+    try:
+        return Settings().log_format
+    except ConfigurationError:
+        return "text"  # the command reports the bad setting itself, in the default format
 
 
 def _port(text: str) -> int:
@@ -97,7 +98,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-format",
         choices=logs.FORMATS,
-        default=_log_format_from_environment(),
         help="text, or one JSON object per line ($PGQUEUE_LOG_FORMAT; default text)",
     )
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -64,6 +64,9 @@ class Settings(BaseSettings):
         description="a job handed back that way for this long (from its first hand-back) is dead-lettered",
     )
 
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="the command line's log lines: text, or one JSON object per line"
+    )
     metrics_port: int | None = Field(
         default=None,
         ge=0,

@@ -346,6 +346,14 @@ def test_json_logs_carry_each_jobs_fields_and_never_the_password(dsn: str, sampl
 # -- scale: plans with a million finished jobs ---------------------------------------------
 
 
+def readme_questions() -> list[str]:
+    """The statements of the README's "Watching it" SQL block."""
+    from tests.test_readme import HISTORY_SQL, snippet
+
+    code = "\n".join(line for line in snippet(HISTORY_SQL).code.splitlines() if not line.startswith("--"))
+    return [statement.strip() for statement in code.split(";") if statement.strip()]
+
+
 @pytest.mark.slow
 def test_watching_reads_indexes_not_a_million_finished_jobs(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as connection:
@@ -365,6 +373,7 @@ def test_watching_reads_indexes_not_a_million_finished_jobs(dsn: str) -> None:
             "select * from pgqueue.failures_since(now() - interval '1 hour')",
             "select * from pgqueue.attempts where job_id = 42",
             "select status, count(*) from pgqueue.workers group by status",
+            *readme_questions(),
         ]
         for question in questions:
             plan = "\n".join(

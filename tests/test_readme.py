@@ -57,6 +57,7 @@ COMMAND_LINE: SnippetKey = ("Command line", "sh", 0)
 TESTING_CONFTEST: SnippetKey = ("Testing your own tasks", "python", 0)
 TESTING_TEST: SnippetKey = ("Testing your own tasks", "python", 1)
 HOOKS_EXAMPLE: SnippetKey = ("Hooks", "python", 0)
+HISTORY_SQL: SnippetKey = ("Watching it", "sql", 0)
 
 # The blocks the tests below run, and which test does.
 RUN_HERE: dict[SnippetKey, str] = {
@@ -68,12 +69,15 @@ RUN_HERE: dict[SnippetKey, str] = {
     TESTING_CONFTEST: "test_the_testing_helpers_example_passes_as_a_users_suite",
     TESTING_TEST: "test_the_testing_helpers_example_passes_as_a_users_suite",
     HOOKS_EXAMPLE: "test_the_hooks_example_counts_what_a_worker_finished",
+    HISTORY_SQL: "test_the_history_questions_answer_from_a_real_run (plans: test_observability.py)",
 }
 
 # `pgqueue` subcommands each run block's test knows how to run and check.
 RUNNABLE_SUBCOMMANDS: dict[SnippetKey, frozenset[str]] = {
     QUICK_START: frozenset({"demo"}),
-    COMMAND_LINE: frozenset({"migrate", "worker", "enqueue", "status", "job", "dead", "retry", "cancel"}),
+    COMMAND_LINE: frozenset(
+        {"migrate", "worker", "enqueue", "status", "health", "job", "dead", "retry", "cancel"}
+    ),
 }
 
 # Shell commands of the README that are not run here, and why (keyed by shlex.join).
@@ -389,6 +393,44 @@ def test_from_sql_enqueue_redrive_cancel_and_inspect(dsn: str, new_app: Callable
     assert every_job_state(dsn) == {122: "dead", 123: "queued", 124: "cancelled", enqueued[0]: "queued"}
 
 
+def test_the_history_questions_answer_from_a_real_run(dsn: str, new_app: Callable[..., App]) -> None:
+    """Each question of the "Watching it" SQL block, after a worker dead-lettered 122 and 123
+    and ran 124 and 125; 126 waits in a queue no worker serves."""
+    dead_letter_jobs_122_and_123(dsn, new_app)
+    app = new_app(poll_interval=0.1)
+
+    @app.task(name="emails.send_welcome", queue="emails")
+    def send_welcome(user_id: int) -> dict[str, bool]:
+        return {"sent": True}
+
+    ran = [send_welcome.enqueue(None, user_id=user_id) for user_id in (7, 8)]
+    with running_worker(app, worker_id="readme-worker"):
+        assert wait_for_states(dsn, ran) == {124: "succeeded", 125: "succeeded"}
+    waiting = new_app().enqueue(None, "reports.build", {}, queue="reports")
+    assert waiting == 126
+
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        cursor = connection.execute(snippet(HISTORY_SQL).code.encode())
+        results: list[list[tuple[Any, ...]]] = []
+        while True:
+            results.append(cursor.fetchall())
+            if not cursor.nextset():
+                break
+    failures, run_times, oldest, throughput, attempts = results
+    assert [(job_id, attempt, error) for job_id, attempt, _, error in failures] == [
+        (122, 1, "Fail: no user 5"),
+        (123, 1, "Fail: no user 6"),
+    ]
+    [(task, p95, succeeded)] = run_times
+    assert (task, succeeded) == ("emails.send_welcome", 2) and p95 is not None and p95 >= 0
+    [(queue, due, age)] = oldest
+    assert queue == "reports" and due is not None and age >= 0
+    assert sum(jobs for _, jobs in throughput) == 4  # two dead, two succeeded
+    [(attempt, worker, outcome, started_at, seconds)] = attempts
+    assert (attempt, worker, outcome) == (1, "readme-worker", "succeeded")
+    assert started_at is not None and seconds >= 0
+
+
 # -- Command line ----------------------------------------------------------------------
 
 
@@ -456,6 +498,13 @@ def test_command_line_line_by_line(dsn: str, tmp_path: Path, new_app: Callable[.
                 assert queues == {("emails", "dead"): 1, ("emails", "ready"): 1, ("emails", "scheduled"): 1}
                 # finished lately: three successes, the dead 122, the cancelled 124 (123 was redriven)
                 assert (shown["finished"], shown["live_workers"]) == (5, 0)
+            case ["health"]:
+                # job 124 waits in a queue no worker serves (and none is running): critical
+                assert stdout.splitlines()[0] == "critical"
+                assert "queue 'reports': 1 ready job(s) and no live worker serves it" in stdout
+            case ["health", "--json"]:
+                verdict = json.loads(stdout)
+                assert (verdict["status"], verdict["live_workers"]) == ("critical", 0)
             case ["job", job_id]:
                 shown = json.loads(stdout)
                 assert (shown["id"], shown["state"]) == (int(job_id), before[int(job_id)])
@@ -484,7 +533,8 @@ def test_command_line_line_by_line(dsn: str, tmp_path: Path, new_app: Callable[.
             arguments.append("--burst")
         before = every_job_state(dsn)
         completed = run(pgqueue_command(*arguments), tmp_path, environment)
-        assert completed.returncode == 0, describe(f"pgqueue {shlex.join(arguments)}", completed)
+        expected = 2 if arguments[0] == "health" else 0  # critical: see its check
+        assert completed.returncode == expected, describe(f"pgqueue {shlex.join(arguments)}", completed)
         check([word for word in arguments if word != "--burst"], completed.stdout, completed.stderr, before)
         ran.append(arguments[0])
 
