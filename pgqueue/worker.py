@@ -181,7 +181,11 @@ class Worker:
                 background.append(task)
             if settings.metrics_port is not None:
                 self.metrics_port, stop_metrics = serve_worker_metrics(
-                    self.app.hooks, settings, dsn, lambda: (len(self._running), self.concurrency)
+                    self.app.hooks,
+                    settings,
+                    dsn,
+                    lambda: (len(self._running), self.concurrency),
+                    [(task.default_options.queue, task.name) for task in self.app.tasks.values()],
                 )
             self.started.set()
             self.app.hooks.emit(WorkerStarted(self.worker_id, tuple(self.queues), self.concurrency))

@@ -223,3 +223,9 @@ where finished_at >= now() - make_interval(secs => %(seconds)s) and finished_at 
 -- name: health_live_workers
 -- Live worker processes.
 select count(*) from pgqueue.workers where status = 'live'
+
+-- name: metrics_known_queues
+-- Queues the exporter reports even when empty: those of registered tasks and of workers.
+select queue from pgqueue.tasks
+union
+select unnest(queues) from pgqueue.worker_sessions

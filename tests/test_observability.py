@@ -110,6 +110,9 @@ def test_a_worker_serves_metrics_and_health_on_its_port(sample: App, dsn: str) -
         assert worker.metrics_port
         exposition = fetch(worker.metrics_port, "/metrics")
         assert 'pgqueue_jobs_finished_total{outcome="succeeded",queue="default",task="cpu"} 1.0' in exposition
+        # what has not happened yet is a zero from the start (a rate needs a first sample)
+        assert 'pgqueue_jobs_finished_total{outcome="dead",queue="default",task="cpu"} 0.0' in exposition
+        assert 'pgqueue_worker_reconnects_total{connection="claim"} 0.0' in exposition
         status, body = fetch_status(worker.metrics_port, "/health")
         assert (status, json.loads(body)["status"]) == (200, "healthy")
 
@@ -137,7 +140,7 @@ def test_the_exporter_reads_depth_from_the_database_with_no_worker_running(dsn: 
     sql(dsn, "select pgqueue.enqueue('t', queue => 'reports')")
     assert len(sql(dsn, "select id from pgqueue.claim_jobs('w1', array['reports'], 1, 30)")) == 1
     dead_letter_one(dsn, "reports")
-    worker_seen(dsn, "w-live", ["mail"])
+    worker_seen(dsn, "w-live", ["mail", "idle"])
     worker_seen(dsn, "w-lost", ["mail"], ttl=-1)  # its last round is long past
 
     registry = CollectorRegistry()
@@ -156,6 +159,12 @@ def test_the_exporter_reads_depth_from_the_database_with_no_worker_running(dsn: 
     assert age is not None and 90 <= age < 3600
     assert value("pgqueue_workers", status="live") == 1
     assert value("pgqueue_workers", status="lost") == 1
+    # a queue a worker serves, with no job at all: zeros, not a missing series
+    assert value("pgqueue_queue_jobs", queue="idle", state="ready") == 0
+    # a queue drained since the last scrape drops to zero instead of vanishing
+    sql(dsn, "update pgqueue.jobs set state = 'cancelled', finished_at = now() where queue = 'mail'")
+    assert value("pgqueue_queue_jobs", queue="mail", state="ready") == 0
+    assert value("pgqueue_queue_oldest_ready_age_seconds", queue="mail") == 0
 
 
 def test_the_exporter_reports_a_database_it_cannot_reach_instead_of_failing_the_scrape() -> None:

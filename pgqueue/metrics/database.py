@@ -36,12 +36,16 @@ class DatabaseCollector(Collector):
         self._timeout = timeout
         self._connection: psycopg.Connection[Any] | None = None
         self._lock = threading.Lock()  # scrapes may overlap; one connection serves them in turn
+        # A drained queue has no row in queue_stats; its series must drop to zero, not
+        # vanish: every queue seen once, or known from the task registry and the workers.
+        self._queues: set[str] = set()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         started = time.perf_counter()
         with self._lock:
             try:
-                queues, workers = self._read()
+                queues, workers, known = self._read()
+                self._queues.update(known)
                 up = 1.0
             except psycopg.Error as error:
                 log.warning("metrics: could not read the database (%s: %s)", type(error).__name__, error)
@@ -59,8 +63,11 @@ class DatabaseCollector(Collector):
             labels=["queue"],
         )
         counts: dict[str, dict[str, float]] = {}
+        if up:
+            counts = {queue: dict.fromkeys(STATES, 0.0) for queue in self._queues}
         ages: dict[str, float] = {}
         for queue, state, count, age in queues:
+            self._queues.add(queue)
             counts.setdefault(queue, dict.fromkeys(STATES, 0.0))[state] = float(count)
             if state == "ready":
                 ages[queue] = max(0.0, float(age or 0.0))
@@ -87,7 +94,7 @@ class DatabaseCollector(Collector):
             time.perf_counter() - started,
         )
 
-    def _read(self) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    def _read(self) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[str]]:
         connection = self._connection
         if connection is None or connection.closed:
             connection = self._connection = psycopg.connect(
@@ -100,7 +107,8 @@ class DatabaseCollector(Collector):
             )
         queues = connection.execute(query("metrics_queue_stats")).fetchall()
         workers = connection.execute(query("metrics_workers")).fetchall()
-        return queues, workers
+        known = [str(row[0]) for row in connection.execute(query("metrics_known_queues")).fetchall()]
+        return queues, workers, known
 
     def close(self) -> None:
         connection, self._connection = self._connection, None

@@ -19,7 +19,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,9 +100,15 @@ def _final_outcome(kind: str, state: str | None) -> str:
 class WorkerMetrics(Collector):
     """Attach to a worker's hooks with `attach(hooks)`; register in a CollectorRegistry."""
 
-    def __init__(self, slots: Callable[[], tuple[int, int]] | None = None) -> None:
-        # slots(): (jobs in flight, concurrency), read at scrape time
+    def __init__(
+        self,
+        slots: Callable[[], tuple[int, int]] | None = None,
+        tasks: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        # slots(): (jobs in flight, concurrency), read at scrape time; tasks: the (queue,
+        # task) pairs the worker serves, whose series start at zero (see _zeros)
         self._slots = slots
+        self._tasks = list(tasks)
         self._worker = ""
         self._queues: tuple[str, ...] = ()
         self._concurrency = 0
@@ -142,9 +148,25 @@ class WorkerMetrics(Collector):
     def _on_worker_started(self, event: WorkerStarted) -> None:
         self._worker, self._queues, self._concurrency = event.worker, event.queues, event.concurrency
         self._started_at = time.time()
+        self._zeros()
+
+    def _zeros(self) -> None:
+        """Start the counters of what is bound to happen at zero: Prometheus computes no
+        rate() from a series' first sample, so a series born at its first event would
+        hide that event (a task's first dead job, the first reconnect)."""
+        for queue, task in self._tasks:
+            if queue in self._queues:
+                self._started.setdefault((queue, task), 0)
+                for outcome in ("succeeded", "retried", "dead"):
+                    self._finished.setdefault((queue, task, outcome), 0)
+        for outcome in ("requeued", "dead"):
+            self._rescued.setdefault(outcome, 0)
+        for role in ("claim", "complete", "heartbeat", "maintenance", "listen"):
+            self._connects.setdefault((role, True), 0)
 
     def _on_claimed(self, event: JobsClaimed) -> None:
-        self._claims.observe(len(event.jobs))
+        if event.jobs:  # an idle poll is a round trip, not a batch
+            self._claims.observe(len(event.jobs))
         self._claim_seconds.observe(event.seconds)
         started = self._started
         for job in event.jobs:
@@ -207,8 +229,8 @@ class WorkerMetrics(Collector):
         finished = CounterMetricFamily(
             "pgqueue_jobs_finished",
             "Job attempts this worker finished and recorded, by outcome: succeeded, retried (failed, "
-            "will run again), dead (dead-lettered), released (handed back at shutdown), handed_back "
-            "(task unknown here), lease_lost (not recorded: the lease had expired)",
+            "will run again), dead (dead-lettered), cancelled, released (handed back at shutdown), "
+            "handed_back (task unknown here), lease_lost (not recorded: the lease had expired)",
             labels=["queue", "task", "outcome"],
         )
         for (queue, task, outcome), count in dict(self._finished).items():
@@ -245,7 +267,7 @@ class WorkerMetrics(Collector):
             yield gauge
 
         for name, text, histogram in (
-            ("pgqueue_claim_batch_jobs", "Jobs per claim call", self._claims),
+            ("pgqueue_claim_batch_jobs", "Jobs per claim call that found any", self._claims),
             ("pgqueue_claim_duration_seconds", "Round trip of a claim call", self._claim_seconds),
             ("pgqueue_flush_batch_jobs", "Outcomes per flush (one complete_jobs call)", self._flushes),
             ("pgqueue_flush_duration_seconds", "Round trip of a flush", self._flush_seconds),
@@ -277,7 +299,11 @@ def _histogram_family(
 
 
 def serve_worker_metrics(
-    hooks: Hooks, settings: Settings, dsn: str, slots: Callable[[], tuple[int, int]]
+    hooks: Hooks,
+    settings: Settings,
+    dsn: str,
+    slots: Callable[[], tuple[int, int]],
+    tasks: Iterable[tuple[str, str]],
 ) -> tuple[int, Callable[[], None]]:
     """Serve a worker's /metrics and /health on `settings.metrics_port`: (the port, the stopper)."""
     from prometheus_client import CollectorRegistry
@@ -286,7 +312,7 @@ def serve_worker_metrics(
     from .server import MetricsServer
 
     registry = CollectorRegistry(auto_describe=True)
-    metrics = WorkerMetrics(slots)
+    metrics = WorkerMetrics(slots, tasks)
     metrics.attach(hooks)
     registry.register(metrics)
     assert settings.metrics_port is not None
