@@ -97,6 +97,14 @@ def _final_outcome(kind: str, state: str | None) -> str:
     return "retried"
 
 
+# the common (outcome kind, new state) pairs, looked up instead of reasoned out per job
+_LABELS = {
+    (kind, state): _final_outcome(kind, state)
+    for kind in ("succeeded", "failed", "retry", "fatal", "released", "deferred")
+    for state in ("succeeded", "queued", "dead", None)
+}
+
+
 class WorkerMetrics(Collector):
     """Attach to a worker's hooks with `attach(hooks)`; register in a CollectorRegistry."""
 
@@ -178,8 +186,11 @@ class WorkerMetrics(Collector):
         self._flush_seconds.observe(event.seconds)
         states = event.states
         finished, runs, waits = self._finished, self._run, self._wait
+        labels = _LABELS
         for outcome in event.outcomes:
-            key = (outcome.queue, outcome.task, _final_outcome(outcome.kind, states.get(outcome.job_id)))
+            kind_state = (outcome.kind, states.get(outcome.job_id))
+            label = labels.get(kind_state) or _final_outcome(*kind_state)
+            key = (outcome.queue, outcome.task, label)
             finished[key] = finished.get(key, 0) + 1
             started_at, ended_at = outcome.started_at, outcome.ended_at
             if started_at is None or ended_at is None or outcome.kind == "released":
