@@ -165,6 +165,6 @@ def test_commands_on_an_unmigrated_database_say_to_migrate(empty_dsn: str) -> No
 
 def test_settings_come_from_the_environment(dsn: str) -> None:
     result = pgqueue("status", "--json", env={"PGQUEUE_DSN": dsn})
-    assert result.returncode == 0 and json.loads(result.stdout) == []
+    assert result.returncode == 0 and json.loads(result.stdout)["queues"] == []
     bad = pgqueue("status", env={"PGQUEUE_DSN": dsn, "PGQUEUE_CONCURRENCY": "many"})
     assert bad.returncode == 2 and "concurrency" in bad.stderr
