@@ -217,8 +217,8 @@ order by s.queue
 -- name: health_dead_recent
 -- Jobs dead-lettered in the last %(seconds)s seconds (from the finished-jobs index).
 select count(*) from pgqueue.jobs
-where finished_at >= now() - make_interval(secs => %(seconds)s) and finished_at is not null
-  and state = 'dead'
+where state = 'dead' and finished_at >= now() - make_interval(secs => %(seconds)s)
+  and finished_at is not null
 
 -- name: health_live_workers
 -- Live worker processes.

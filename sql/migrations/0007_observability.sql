@@ -8,9 +8,10 @@
 -- first by hand with CREATE INDEX CONCURRENTLY under the same names and definitions;
 -- this migration then skips them.
 
--- Finished jobs by when they finished: "what happened in the last hour" (task statistics,
--- throughput, failures, dead-letter growth) reads that window alone.
-create index if not exists jobs_finished on pgqueue.jobs (finished_at) where finished_at is not null;
+-- Finished jobs by final state and when they finished: "what happened in the last hour"
+-- (task statistics, throughput, failures, dead-letter growth) reads that window alone, one
+-- range per final state, and pruning (0008) reads each state's expired range alone.
+create index if not exists jobs_finished on pgqueue.jobs (state, finished_at) where finished_at is not null;
 -- The dead letter per queue: its size and its newest entries without the rest of history.
 create index if not exists jobs_dead on pgqueue.jobs (queue, finished_at desc, id desc) where state = 'dead';
 
@@ -140,7 +141,8 @@ language sql stable as $$
            avg(extract(epoch from j.started_at - j.run_at)::double precision)
                filter (where j.state = 'succeeded')
     from pgqueue.jobs j
-    where j.finished_at >= p_since and j.finished_at is not null
+    where j.state in ('succeeded', 'dead', 'cancelled') and j.finished_at >= p_since
+      and j.finished_at is not null
     group by j.task
 $$;
 
@@ -152,7 +154,8 @@ select * from pgqueue.task_stats_since(now() - interval '1 hour');
 create view pgqueue.throughput as
 select date_trunc('minute', finished_at) as minute, queue, state, count(*) as jobs
 from pgqueue.jobs
-where finished_at >= now() - interval '1 hour' and finished_at is not null
+where state in ('succeeded', 'dead', 'cancelled') and finished_at >= now() - interval '1 hour'
+  and finished_at is not null
 group by 1, 2, 3;
 
 -- Failed attempts since `p_since`, with their error: of the jobs that reached a final
@@ -174,7 +177,9 @@ language sql stable as $$
     select j.id, j.task, j.queue, j.state, (e.entry ->> 'attempt')::integer,
            (e.entry ->> 'at')::timestamptz, e.entry ->> 'worker', e.entry ->> 'kind', e.entry ->> 'error'
     from (
-        select * from pgqueue.jobs where finished_at >= p_since and finished_at is not null
+        select * from pgqueue.jobs
+        where state in ('succeeded', 'dead', 'cancelled') and finished_at >= p_since
+          and finished_at is not null
         union all
         select * from pgqueue.jobs where state = 'queued'
         union all
