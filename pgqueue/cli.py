@@ -1,5 +1,5 @@
 """The `pgqueue` command: migrate, worker, enqueue, status, health, metrics, cancel, retry,
-dead, job, demo."""
+dead, job, retention, prune, demo."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 from pydantic import ValidationError
 
-from . import logs, monitoring
+from . import logs, monitoring, upkeep
 from .app import App
 from .database import redact
 from .errors import ConfigurationError, PgQueueError
@@ -142,6 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     command.set_defaults(handler=_enqueue)
 
     monitoring.add_commands(commands, _settings, _port)
+    upkeep.add_commands(commands, _settings)
 
     for name, text in (("cancel", "cancel a queued job"), ("retry", "requeue a dead or cancelled job")):
         command = commands.add_parser(name, help=text)

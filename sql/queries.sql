@@ -229,3 +229,15 @@ select count(*) from pgqueue.workers where status = 'live'
 select queue from pgqueue.tasks
 union
 select unnest(queues) from pgqueue.worker_sessions
+
+-- name: prune_jobs
+-- One batch of pruning: finished jobs past their retention, at most %(limit)s per policy.
+select state, queue, jobs from pgqueue.prune_jobs(%(limit)s, %(dry_run)s)
+
+-- name: retention
+-- The retention policies: how long finished jobs are kept, per state and queue.
+select state, queue, keep::text from pgqueue.retention order by state, queue
+
+-- name: set_retention
+-- Keep finished jobs of a state (and queue, or '*') for this long (NULL: forever).
+select pgqueue.set_retention(%(state)s, %(keep)s::interval, %(queue)s)

@@ -2,7 +2,7 @@
 
 Every worker runs a `Maintenance` loop; the one that holds the leader lease row
 (`pgqueue.leaders`) does the duties, the others only keep asking. A duty is one
-file here: rescue today; pruning and cron schedules join the same list.
+file here: rescue, presence, pruning; cron schedules join the same list.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from ..connection import DatabaseUnavailable, WorkerConnection
 from ..hooks import Hooks
 from .leader import Leadership
 from .presence import Presence, prune_sessions
+from .pruning import prune_finished
 from .rescue import rescue_expired
 
 log = logging.getLogger("pgqueue")
@@ -60,6 +61,7 @@ class Maintenance:
             if await self.leadership.renew():
                 await rescue_expired(self._connection, self._worker, self._hooks)
                 await prune_sessions(self._connection)
+                await prune_finished(self._connection)
         except DatabaseUnavailable:
             self.leadership.leading = False  # the lease may run out meanwhile: ask again
         except psycopg.Error:

@@ -1,0 +1,50 @@
+"""Pruning: remove finished jobs past their retention (pgqueue.retention), a batch at a time.
+
+Each batch is one short transaction of at most BATCH rows per (state, queue) policy,
+taken oldest first with SKIP LOCKED: it never touches a queued or running job, so
+claims and enqueues never wait for it, and vacuum reclaims the space as it goes. A
+round stops after ROUNDS batches, so a first prune of a long history spreads over
+several maintenance rounds instead of holding the leader's connection.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import psycopg
+
+from ..connection import WorkerConnection
+from ..sql import query
+
+log = logging.getLogger("pgqueue")
+
+BATCH = 1000
+ROUNDS = 20
+
+
+async def prune_finished(connection: WorkerConnection) -> int:
+    """The leader's duty: prune up to ROUNDS batches; how many jobs were removed."""
+    total = 0
+    for _ in range(ROUNDS):
+        rows = await connection.fetch(query("prune_jobs"), {"limit": BATCH, "dry_run": False})
+        removed = sum(int(row[2]) for row in rows)
+        total += removed
+        if not any(int(row[2]) >= BATCH for row in rows):
+            break  # every policy is done for now
+    if total:
+        log.info("pruned %d finished job(s) past their retention", total)
+    return total
+
+
+def prune_now(connection: psycopg.Connection[Any], dry_run: bool = False) -> list[tuple[str, str, int]]:
+    """`pgqueue prune`: every batch until nothing is past its retention (autocommit: one
+    transaction per batch); with `dry_run`, how many jobs would go, removing none.
+    Returns (state, queue policy, jobs) per policy that had any."""
+    totals: dict[tuple[str, str], int] = {}
+    while True:
+        rows = connection.execute(query("prune_jobs"), {"limit": BATCH, "dry_run": dry_run}).fetchall()
+        for state, queue, jobs in rows:
+            totals[str(state), str(queue)] = totals.get((str(state), str(queue)), 0) + int(jobs)
+        if dry_run or not any(int(row[2]) >= BATCH for row in rows):
+            return [(state, queue, jobs) for (state, queue), jobs in sorted(totals.items())]
