@@ -92,6 +92,7 @@ class WorkerConnection:
         self._connection: psycopg.AsyncConnection[Any] | None = None
         self._on_connect = on_connect  # (role, reconnect): for the Connected hook
         self._connects = 0
+        self._in_call = False
 
     async def connect(self) -> psycopg.AsyncConnection[Any]:
         if self._connection is None or self._connection.closed:
@@ -110,14 +111,17 @@ class WorkerConnection:
                 self._on_connect(self.role, self._connects > 1)
         return self._connection
 
-    async def fetch(self, statement: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-        """Run one statement and return its rows.
+    async def fetch(
+        self, statement: str, params: dict[str, Any], timeout: float | None = None
+    ) -> list[tuple[Any, ...]]:
+        """Run one statement and return its rows, within `timeout` (default: the connection's).
 
         Raises DatabaseUnavailable when the link failed (the caller retries later), and
         the server's own error, unchanged, when the statement failed.
         """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
+        timeout = self.timeout if timeout is None else timeout
+        deadline = loop.time() + timeout
         try:
             connection = self._connection
             if connection is None or connection.closed:
@@ -125,17 +129,19 @@ class WorkerConnection:
                     connection = await self.connect()
             # One timer, no task of its own: this is every claim's and every flush's path.
             watchdog = _Watchdog(connection, deadline)
+            self._in_call = True
             try:
                 return await _execute(connection, statement, params)
             except asyncio.CancelledError:
                 if watchdog.cancelled_the_call():
-                    raise TimeoutError(f"no reply within {self.timeout:g}s") from None
+                    raise TimeoutError(f"no reply within {timeout:g}s") from None
                 raise
             except _ANY_DATABASE_ERROR:
                 if watchdog.expired:  # the failure is the socket it shut down
-                    raise TimeoutError(f"no reply within {self.timeout:g}s") from None
+                    raise TimeoutError(f"no reply within {timeout:g}s") from None
                 raise
             finally:
+                self._in_call = False
                 watchdog.disarm()
                 if watchdog.expired:
                     await self.discard()  # shut down: never to be used again
@@ -149,6 +155,15 @@ class WorkerConnection:
                 raise
             await self.discard()
             raise DatabaseUnavailable(f"{type(error).__name__}: {error}".strip()) from error
+
+    def abort(self) -> None:
+        """Before the caller's task is cancelled (a worker leaving): end the session of a call
+        in flight, so that psycopg's cancellation has no query to cancel and returns at
+        once, instead of sending a cancel request over a link that may be dead and waiting
+        for the query to end."""
+        connection = self._connection
+        if self._in_call and connection is not None and not connection.closed:
+            connection.pgconn.finish()
 
     async def discard(self) -> None:
         connection, self._connection = self._connection, None

@@ -26,7 +26,12 @@ def validate_dsn(dsn: str) -> str:
     try:
         conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as error:
-        raise ConfigurationError(f"invalid database DSN {redact(dsn)!r}: {error}") from None
+        # libpq's message may quote the part it could not parse, password included: say
+        # what kind of problem it is, never the text
+        reason = "a bad percent-encoding" if "percent" in str(error) else "a syntax error"
+        raise ConfigurationError(
+            f"invalid database DSN (it has {reason}; libpq cannot parse it): check PGQUEUE_DSN / --dsn"
+        ) from None
     return dsn
 
 

@@ -43,6 +43,10 @@ class Heartbeat:
         self._running = running
         self._lost = lost
 
+    def abort(self) -> None:
+        """The worker is leaving: end a call in flight at once (see WorkerConnection.abort)."""
+        self._connection.abort()
+
     async def run(self) -> None:
         beat = max(0.05, self._lease / 3)
         try:

@@ -40,6 +40,10 @@ class Listener:
         self._backoff = Backoff(cap=reconnect_max_delay)
         self._probe_every = max(1.0, min(5.0, statement_timeout))
 
+    def abort(self) -> None:
+        """The worker is leaving: end a call in flight at once (see WorkerConnection.abort)."""
+        self._connection.abort()
+
     async def run(self) -> None:
         try:
             while True:

@@ -48,7 +48,7 @@ def add_commands(commands: Any, settings: Callable[..., Settings], port: Callabl
         "metrics", help="serve the database's queue metrics for Prometheus (one exporter per database)"
     )
     command.add_argument("--port", type=port, required=True, help="port of /metrics and /health")
-    command.add_argument("--host", help="address to listen on (default 0.0.0.0)")
+    command.add_argument("--host", help="address to listen on (default 127.0.0.1; $PGQUEUE_METRICS_HOST)")
     command.set_defaults(handler=with_settings(_metrics))
 
 

@@ -74,7 +74,10 @@ class Settings(BaseSettings):
         description="serve /metrics and /health on this port (a worker; 0 picks a free port); "
         "unset serves nothing",
     )
-    metrics_host: str = Field(default="0.0.0.0", description="address the metrics port listens on")
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="address the metrics port listens on (0.0.0.0 for a Prometheus on another host)",
+    )
     health_max_ready_age: float = Field(
         default=300.0,
         gt=0,

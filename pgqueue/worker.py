@@ -106,6 +106,7 @@ class Worker:
         self._slot_freed: asyncio.Event | None = None
         self.started = threading.Event()
         self.metrics_port: int | None = None  # where /metrics is served, once started
+        self._parts: list[Heartbeat | Listener | Maintenance] = []  # the background loops' owners
 
     # -- control ------------------------------------------------------------------
 
@@ -181,6 +182,7 @@ class Worker:
                 background.append(task)
             if settings.metrics_port is not None:
                 self.metrics_port, stop_metrics = serve_worker_metrics(
+                    self.worker_id,
                     self.app.hooks,
                     settings,
                     dsn,
@@ -192,6 +194,8 @@ class Worker:
             await self._claim_loop()
             await self._shutdown()
         finally:
+            for part in self._parts:
+                part.abort()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -222,6 +226,7 @@ class Worker:
                 on_connect=self._connected,
             )
             jobs.append(("listen", listener.run()))
+            self._parts.append(listener)
         heartbeat = Heartbeat(
             dsn,
             self.worker_id,
@@ -233,6 +238,7 @@ class Worker:
             on_connect=self._connected,
         )
         jobs.append(("heartbeat", heartbeat.run()))
+        self._parts.append(heartbeat)
         self.maintenance = Maintenance(
             dsn,
             self.worker_id,
@@ -244,6 +250,7 @@ class Worker:
             on_connect=self._connected,
         )
         jobs.append(("maintenance", self.maintenance.run()))
+        self._parts.append(self.maintenance)
         return jobs
 
     def _install_signals(self) -> bool:

@@ -98,11 +98,12 @@ select state from pgqueue.jobs where id = %(id)s
 select queue, state, jobs, oldest_due from pgqueue.queue_stats order by queue, state
 
 -- name: status_recent
--- Over the last %(seconds)s seconds: jobs that reached a final state, successes, failed
--- attempts, the mean run time of the successes; and the live workers now.
+-- Over the last %(seconds)s seconds: jobs that reached a final state, successes, attempts
+-- that failed in the window (of any job, finished or to be retried), the mean run time of
+-- the successes; and the live workers now.
 select coalesce(sum(s.succeeded + s.dead + s.cancelled), 0)::bigint,
        coalesce(sum(s.succeeded), 0)::bigint,
-       coalesce(sum(s.failed_attempts), 0)::bigint,
+       (select count(*) from pgqueue.failures_since(now() - make_interval(secs => %(seconds)s))),
        sum(s.run_mean_seconds * s.succeeded) / nullif(sum(s.succeeded), 0),
        (select count(*) from pgqueue.workers where status = 'live')
 from pgqueue.task_stats_since(now() - make_interval(secs => %(seconds)s)) as s
@@ -133,7 +134,7 @@ select count(*) filter (where pgqueue.retry_job(id)), max(id) from batch
 -- Which of these attempts already have their outcome recorded by this worker (a call
 -- whose reply was lost had committed): a success is the row itself, any other outcome
 -- an entry in the job's history (not the one the rescue wrote when the lease ran out).
-select o.id, null::pgqueue.job_state, null::timestamptz
+select o.id, case when j.attempt = o.attempt then j.state end, null::timestamptz
 from unnest(%(ids)s::bigint[], %(attempts)s::integer[]) as o(id, attempt)
 join pgqueue.jobs j on j.id = o.id
 where (j.state = 'succeeded' and j.attempt = o.attempt and j.worker = %(worker)s::text)
@@ -206,10 +207,15 @@ select status, count(*) from pgqueue.workers group by status
 
 -- name: health_queues
 -- Per queue with jobs waiting: ready jobs, the oldest one's age, and how many live
--- workers serve the queue.
+-- workers serve the queue: those that say so, and those that run its jobs without
+-- saying (workers of a pgqueue older than worker presence, during a rolling upgrade).
 select s.queue, s.jobs, s.oldest_age_seconds,
        (select count(*) from pgqueue.workers w
-        where w.status = 'live' and s.queue = any(w.queues)) as live_workers
+        where w.status = 'live' and s.queue = any(w.queues))
+       + (select count(distinct j.worker) from pgqueue.jobs j
+          where j.state = 'running' and j.queue = s.queue
+            and not exists (select from pgqueue.worker_sessions w where w.worker = j.worker))
+       as live_workers
 from pgqueue.queue_stats s
 where s.state = 'ready'
 order by s.queue

@@ -137,7 +137,7 @@ def test_compose_serves_the_ports_prometheus_scrapes_and_mounts_the_repository_f
     assert bind_mounts(services["prometheus"]) == {"/etc/prometheus/prometheus.yml": PROMETHEUS_CONFIG}
     grafana = services["grafana"]
     assert grafana["image"].split(":")[0] == "grafana/grafana"
-    assert "3000:3000" in grafana["ports"]
+    assert "127.0.0.1:3000:3000" in grafana["ports"]  # published on this host only
     mounts = bind_mounts(grafana)
     assert mounts["/etc/grafana/provisioning"].resolve() == PROVISIONING
     dashboards = [target for target, source in mounts.items() if source.resolve() == DASHBOARD]

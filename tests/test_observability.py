@@ -75,11 +75,13 @@ def test_worker_metrics_count_each_job_by_final_outcome_and_time_its_handler(
         raise Fail("no point retrying")
 
     registry = CollectorRegistry()
-    metrics = WorkerMetrics()
+    metrics = WorkerMetrics(
+        "metrics-worker", tasks=[("fast", "ok"), ("default", "flaky"), ("default", "fatal")]
+    )
     metrics.attach(app.hooks)
     registry.register(metrics)
     ids = [ok.enqueue(None, n=n) for n in range(5)] + [flaky.enqueue(None), fatal.enqueue(None)]
-    with running_worker(app, queues=["fast", "default"]):
+    with running_worker(app, queues=["fast", "default"], worker_id="metrics-worker"):
         wait_for_states(dsn, ids, ["succeeded", "dead"])
 
     def value(name: str, **labels: str) -> float | None:
@@ -393,3 +395,49 @@ def test_watching_reads_indexes_not_a_million_finished_jobs(dsn: str) -> None:
     registry = CollectorRegistry()
     registry.register(DatabaseCollector(dsn))
     assert registry.get_sample_value("pgqueue_queue_jobs", {"queue": "default", "state": "ready"}) == 100
+
+
+def test_failures_and_the_error_rate_count_attempts_that_failed_lately_not_releases(
+    new_app: Callable[..., App], dsn: str
+) -> None:
+    app = new_app(poll_interval=0.1)
+
+    @app.task(name="retried", max_attempts=5, retry=RetryPolicy.fixed(3600))
+    async def retried() -> None:
+        raise RuntimeError("down for now")
+
+    @app.task(name="fine")
+    async def fine() -> None: ...
+
+    waiting = retried.enqueue(None)  # fails once, then waits an hour: never finished
+    ids = [fine.enqueue(None) for _ in range(3)]
+    with running_worker(app):
+        wait_for_states(dsn, ids)
+        wait_for_states(dsn, [waiting], ["queued"])
+    # a job handed back unfinished at shutdown is no failure
+    sql(dsn, "select pgqueue.enqueue('fine')")
+    [(released,)] = sql(dsn, "select id from pgqueue.claim_jobs('w-leaving', array['default'], 1, 30)")
+    sql(
+        dsn,
+        "select pgqueue.complete_jobs('w-leaving', %s, %s, %s, %s::jsonb[], %s::jsonb[],"
+        " %s::double precision[])",
+        (
+            [released],
+            [1],
+            ["released"],
+            [None],
+            [json.dumps({"kind": "released", "error": "shutdown"})],
+            [None],
+        ),
+    )
+    failures = sql(dsn, "select job_id, kind from pgqueue.failures_since(now() - interval '1 hour')")
+    assert failures == [(waiting, "exception")]
+    done = subprocess.run(
+        pgqueue_command("--dsn", dsn, "status", "--json"),
+        env=subprocess_environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    seen = json.loads(done.stdout)
+    assert (seen["finished"], seen["error_rate"]) == (3, 0.25)  # 1 failed attempt of 4

@@ -9,6 +9,8 @@ from ..sql import query
 
 log = logging.getLogger("pgqueue")
 
+GOODBYE_TIMEOUT = 2.0  # seconds a leaving worker gives each farewell call
+
 
 class Leadership:
     """Asks for (and renews) the lead of one duty; remembers whether it holds it."""
@@ -35,5 +37,8 @@ class Leadership:
 
     async def resign(self) -> None:
         if self.leading:
-            await self._connection.fetch(query("resign"), {"duty": self.duty, "worker": self.worker})
+            # a goodbye: not worth waiting for over a dead link (the lease runs out anyway)
+            await self._connection.fetch(
+                query("resign"), {"duty": self.duty, "worker": self.worker}, timeout=GOODBYE_TIMEOUT
+            )
             self.leading = False

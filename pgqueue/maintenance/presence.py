@@ -2,8 +2,8 @@
 
 A worker records itself (host, pid, queues, concurrency, version) when it starts and
 on every maintenance round after, and says when it stops. A worker not seen for
-three rounds is "lost". The leader forgets workers a day after they stopped or were
-lost.
+three rounds (and the time two slow calls may take) is "lost". The leader forgets
+workers a day after they stopped or were lost.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from importlib import metadata
 
 from ..connection import WorkerConnection
 from ..sql import query
+from .leader import GOODBYE_TIMEOUT
 
 
 def version() -> str:
@@ -45,7 +46,9 @@ class Presence:
         await self._connection.fetch(query("worker_seen"), self._params)
 
     async def stopped(self) -> None:
-        await self._connection.fetch(query("worker_stopped"), {"worker": self._params["worker"]})
+        await self._connection.fetch(
+            query("worker_stopped"), {"worker": self._params["worker"]}, timeout=GOODBYE_TIMEOUT
+        )
 
 
 async def prune_sessions(connection: WorkerConnection) -> None:

@@ -44,7 +44,14 @@ class Maintenance:
         self._worker = worker
         self._hooks = hooks
         self.leadership = Leadership(self._connection, DUTY, worker, term=3 * interval)
-        self.presence = Presence(self._connection, worker, queues, concurrency, ttl=3 * interval)
+        # lost when not seen for three rounds, a round's calls given their full time
+        self.presence = Presence(
+            self._connection, worker, queues, concurrency, ttl=3 * interval + 2 * statement_timeout
+        )
+
+    def abort(self) -> None:
+        """The worker is leaving: end a call in flight at once (see WorkerConnection.abort)."""
+        self._connection.abort()
 
     async def run(self) -> None:
         try:
@@ -58,6 +65,12 @@ class Maintenance:
         """One pass: the lead, then each duty; a failure is logged, never fatal."""
         try:
             await self.presence.seen()
+        except DatabaseUnavailable:
+            pass  # the lead below will fail the same way and say so
+        except psycopg.Error:
+            # e.g. a role without rights on pgqueue.worker_sessions: the rescue must go on
+            log.exception("could not record this worker's presence")
+        try:
             if await self.leadership.renew():
                 await rescue_expired(self._connection, self._worker, self._hooks)
                 await prune_sessions(self._connection)

@@ -41,17 +41,22 @@ class DatabaseCollector(Collector):
         self._queues: set[str] = set()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        with self._lock:  # scrapes may overlap: one reads (and remembers queues) at a time
+            families = self._collect()
+        yield from families
+
+    def _collect(self) -> list[GaugeMetricFamily]:
         started = time.perf_counter()
-        with self._lock:
-            try:
-                queues, workers, known = self._read()
-                self._queues.update(known)
-                up = 1.0
-            except psycopg.Error as error:
-                log.warning("metrics: could not read the database (%s: %s)", type(error).__name__, error)
-                self.close()
-                queues, workers, up = [], [], 0.0
-        yield _gauge("pgqueue_up", "1 if the exporter could read the database at this scrape", up)
+        families: list[GaugeMetricFamily] = []
+        try:
+            queues, workers, known = self._read()
+            self._queues.update(known)
+            up = 1.0
+        except psycopg.Error as error:
+            log.warning("metrics: could not read the database (%s: %s)", type(error).__name__, error)
+            self.close()
+            queues, workers, up = [], [], 0.0
+        families.append(_gauge("pgqueue_up", "1 if the exporter could read the database at this scrape", up))
         jobs = GaugeMetricFamily(
             "pgqueue_queue_jobs",
             "Jobs per queue and state: ready (due now), scheduled (due later), running, dead",
@@ -75,8 +80,7 @@ class DatabaseCollector(Collector):
             for state, count in by_state.items():
                 jobs.add_metric([queue, state], count)  # zeros too: a panel's line drops to 0
             oldest.add_metric([queue], ages.get(queue, 0.0))
-        yield jobs
-        yield oldest
+        families += [jobs, oldest]
         by_status = GaugeMetricFamily(
             "pgqueue_workers",
             "Worker processes by status: live, lost (stopped heartbeating), stopped (recently)",
@@ -87,12 +91,15 @@ class DatabaseCollector(Collector):
             seen[str(status)] = float(count)
         for status, count in seen.items():
             by_status.add_metric([status], count)
-        yield by_status
-        yield _gauge(
-            "pgqueue_exporter_scrape_duration_seconds",
-            "How long this scrape's database reads took",
-            time.perf_counter() - started,
+        families.append(by_status)
+        families.append(
+            _gauge(
+                "pgqueue_exporter_scrape_duration_seconds",
+                "How long this scrape's database reads took",
+                time.perf_counter() - started,
+            )
         )
+        return families
 
     def _read(self) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[str]]:
         connection = self._connection

@@ -12,6 +12,7 @@ import json
 import logging
 import socketserver
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -41,10 +42,11 @@ class MetricsServer:
         self,
         registry: CollectorRegistry,
         port: int,
-        host: str = "0.0.0.0",
+        host: str = "127.0.0.1",
         health: Callable[[], Health] | None = None,
     ) -> None:
         metrics = make_wsgi_app(registry)
+        health = _Cached(health) if health is not None else None
 
         def route(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
             path = environ.get("PATH_INFO", "/")
@@ -72,3 +74,23 @@ class MetricsServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+
+
+class _Cached:
+    """The last verdict for `seconds`, asked for by one request at a time: a flood of
+    /health requests costs the database one connection every few seconds, never one
+    per request."""
+
+    def __init__(self, ask: Callable[[], Health], seconds: float = 2.0) -> None:
+        self._ask = ask
+        self._seconds = seconds
+        self._lock = threading.Lock()
+        self._verdict: Health | None = None
+        self._at = 0.0
+
+    def __call__(self) -> Health:
+        with self._lock:
+            now = time.monotonic()
+            if self._verdict is None or now - self._at >= self._seconds:
+                self._verdict, self._at = self._ask(), now
+            return self._verdict

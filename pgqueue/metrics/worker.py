@@ -110,14 +110,19 @@ class WorkerMetrics(Collector):
 
     def __init__(
         self,
+        worker: str,
         slots: Callable[[], tuple[int, int]] | None = None,
         tasks: Iterable[tuple[str, str]] = (),
     ) -> None:
+        # worker: the id whose events count (an App's hooks hear every Worker of the app);
         # slots(): (jobs in flight, concurrency), read at scrape time; tasks: the (queue,
-        # task) pairs the worker serves, whose series start at zero (see _zeros)
+        # task) pairs the worker serves, whose series start at zero (see _zeros), and the
+        # only task names used as labels: a job of any other name (a producer's typo, a
+        # task of another deploy) counts as task "unknown", so labels stay bounded
         self._slots = slots
         self._tasks = list(tasks)
-        self._worker = ""
+        self._known = {task for _, task in self._tasks}
+        self._worker = worker
         self._queues: tuple[str, ...] = ()
         self._concurrency = 0
         self._started_at = 0.0
@@ -154,7 +159,9 @@ class WorkerMetrics(Collector):
     # -- hooks: on the worker's event loop ------------------------------------------
 
     def _on_worker_started(self, event: WorkerStarted) -> None:
-        self._worker, self._queues, self._concurrency = event.worker, event.queues, event.concurrency
+        if event.worker != self._worker:
+            return
+        self._queues, self._concurrency = event.queues, event.concurrency
         self._started_at = time.time()
         self._zeros()
 
@@ -172,16 +179,23 @@ class WorkerMetrics(Collector):
         for role in ("claim", "complete", "heartbeat", "maintenance", "listen"):
             self._connects.setdefault((role, True), 0)
 
+    def _task(self, name: str) -> str:
+        return name if name in self._known else "unknown"
+
     def _on_claimed(self, event: JobsClaimed) -> None:
+        if event.worker != self._worker:
+            return
         if event.jobs:  # an idle poll is a round trip, not a batch
             self._claims.observe(len(event.jobs))
         self._claim_seconds.observe(event.seconds)
         started = self._started
         for job in event.jobs:
-            key = (job.queue, job.task)
+            key = (job.queue, self._task(job.task))
             started[key] = started.get(key, 0) + 1
 
     def _on_flushed(self, event: OutcomesFlushed) -> None:
+        if event.worker != self._worker:
+            return
         self._flushes.observe(len(event.outcomes))
         self._flush_seconds.observe(event.seconds)
         states = event.states
@@ -190,12 +204,13 @@ class WorkerMetrics(Collector):
         for outcome in event.outcomes:
             kind_state = (outcome.kind, states.get(outcome.job_id))
             label = labels.get(kind_state) or _final_outcome(*kind_state)
-            key = (outcome.queue, outcome.task, label)
+            task = outcome.task if outcome.task in self._known else "unknown"
+            key = (outcome.queue, task, label)
             finished[key] = finished.get(key, 0) + 1
             started_at, ended_at = outcome.started_at, outcome.ended_at
             if started_at is None or ended_at is None or outcome.kind == "released":
                 continue  # the handler never ran (a hand-back), or was stopped at shutdown
-            pair = (outcome.queue, outcome.task)
+            pair = (outcome.queue, task)
             run = runs.get(pair)
             if run is None:
                 run = runs[pair] = _Histogram(DURATION_BUCKETS)
@@ -205,10 +220,14 @@ class WorkerMetrics(Collector):
                 waits[pair].observe(max(0.0, started_at - outcome.due.timestamp()))
 
     def _on_connected(self, event: Connected) -> None:
+        if event.worker != self._worker:
+            return
         key = (event.role, event.reconnect)
         self._connects[key] = self._connects.get(key, 0) + 1
 
     def _on_rescued(self, event: JobRescued) -> None:
+        if event.worker != self._worker:
+            return
         outcome = "dead" if event.state == "dead" else "requeued"
         self._rescued[outcome] = self._rescued.get(outcome, 0) + 1
 
@@ -232,7 +251,9 @@ class WorkerMetrics(Collector):
         yield start
 
         started = CounterMetricFamily(
-            "pgqueue_jobs_started", "Jobs whose handler this worker started", labels=["queue", "task"]
+            "pgqueue_jobs_started",
+            "Jobs this worker claimed to run (hand-backs of tasks it does not know included)",
+            labels=["queue", "task"],
         )
         for (queue, task), count in dict(self._started).items():
             started.add_metric([queue, task], count)
@@ -310,6 +331,7 @@ def _histogram_family(
 
 
 def serve_worker_metrics(
+    worker: str,
     hooks: Hooks,
     settings: Settings,
     dsn: str,
@@ -323,7 +345,7 @@ def serve_worker_metrics(
     from .server import MetricsServer
 
     registry = CollectorRegistry(auto_describe=True)
-    metrics = WorkerMetrics(slots, tasks)
+    metrics = WorkerMetrics(worker, slots, tasks)
     metrics.attach(hooks)
     registry.register(metrics)
     assert settings.metrics_port is not None

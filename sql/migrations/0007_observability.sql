@@ -15,6 +15,24 @@ create index if not exists jobs_finished on pgqueue.jobs (state, finished_at) wh
 -- The dead letter per queue: its size and its newest entries without the rest of history.
 create index if not exists jobs_dead on pgqueue.jobs (queue, finished_at desc, id desc) where state = 'dead';
 
+-- An index of the same name left INVALID by a CREATE INDEX CONCURRENTLY that failed would be
+-- skipped above and then never used: every query it serves would read all history.
+do $$
+declare
+    v_index text;
+begin
+    select c.relname into v_index
+    from pg_index i
+    join pg_class c on c.oid = i.indexrelid
+    join pg_namespace n on n.oid = c.relnamespace
+    where n.nspname = 'pgqueue' and c.relname in ('jobs_finished', 'jobs_dead') and not i.indisvalid
+    limit 1;
+    if v_index is not null then
+        raise exception 'pgqueue: index pgqueue.% is invalid (a CREATE INDEX CONCURRENTLY that failed?): drop it, or build it again concurrently, then migrate', v_index;
+    end if;
+end
+$$;
+
 -- One row per worker process: each records itself when it starts and every maintenance
 -- round after (about every 5 s), and says when it stops. A worker not seen until
 -- `expires_at` is lost (killed, cut off). The maintenance leader deletes rows a day after
@@ -187,5 +205,6 @@ language sql stable as $$
     ) as j
     cross join lateral jsonb_array_elements(j.errors) as e(entry)
     where (e.entry ->> 'at')::timestamptz >= p_since
-      and e.entry ->> 'kind' not in ('redriven', 'unknown_task', 'bad_arguments')
+      -- not failures: a redrive, hand-backs, a job released unfinished at shutdown
+      and e.entry ->> 'kind' not in ('redriven', 'unknown_task', 'bad_arguments', 'released')
 $$;
