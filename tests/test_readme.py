@@ -76,7 +76,19 @@ RUN_HERE: dict[SnippetKey, str] = {
 RUNNABLE_SUBCOMMANDS: dict[SnippetKey, frozenset[str]] = {
     QUICK_START: frozenset({"demo"}),
     COMMAND_LINE: frozenset(
-        {"migrate", "worker", "enqueue", "status", "health", "job", "dead", "retry", "cancel"}
+        {
+            "migrate",
+            "worker",
+            "enqueue",
+            "status",
+            "health",
+            "retention",
+            "prune",
+            "job",
+            "dead",
+            "retry",
+            "cancel",
+        }
     ),
 }
 
@@ -505,6 +517,14 @@ def test_command_line_line_by_line(dsn: str, tmp_path: Path, new_app: Callable[.
             case ["health", "--json"]:
                 verdict = json.loads(stdout)
                 assert (verdict["status"], verdict["live_workers"]) == ("critical", 0)
+            case ["retention"]:
+                assert "succeeded  *                    1 day" in stdout
+            case ["prune"]:
+                # everything here finished moments ago: nothing is past its retention
+                assert stdout.strip() == "removed 0 jobs: nothing is past its retention"
+                assert after == before
+            case ["prune", "--dry-run"]:
+                assert stdout.strip() == "would remove 0 jobs: nothing is past its retention"
             case ["job", job_id]:
                 shown = json.loads(stdout)
                 assert (shown["id"], shown["state"]) == (int(job_id), before[int(job_id)])
