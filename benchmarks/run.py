@@ -442,16 +442,26 @@ def bench_bulk_enqueue(b: Bench) -> None:
 
 
 def drain_once(
-    b: Bench, processes: int, concurrency: int, env: dict[str, str] | None = None, label: str = ""
+    b: Bench,
+    processes: int,
+    concurrency: int,
+    env: dict[str, str] | None = None,
+    label: str = "",
+    reset: bool = True,
 ) -> dict[str, Any]:
+    """Drain `drain_jobs` fresh no-op jobs. With `reset=False` the table keeps what it holds
+    (history, jobs scheduled for later): the workers then run until the fresh jobs are
+    done and are stopped with SIGTERM, since burst mode would wait for the scheduled ones."""
     count = b.config.drain_jobs
-    b.reset()
+    if reset:
+        b.reset()
+    first_id = int(one(b.admin.execute("select coalesce(max(id), 0) from pgqueue.jobs"))[0])
     b.fill(count)
     tag = f"drain{label}-{processes}x{concurrency}"
     spawned_at = time.time()
     started = time.perf_counter()
     workers = [
-        b.spawn_worker(bench.NOOP_QUEUE, concurrency, burst=True, tag=f"{tag}-{i}", env=env)
+        b.spawn_worker(bench.NOOP_QUEUE, concurrency, burst=reset, tag=f"{tag}-{i}", env=env)
         for i in range(processes)
     ]
     poll = b.admin.cursor()
@@ -466,7 +476,7 @@ def drain_once(
             peak_running = max(peak_running, int(running))
         left = one(
             poll.execute(
-                "select exists (select from pgqueue.jobs where state = 'queued')"
+                "select exists (select from pgqueue.jobs where state = 'queued' and run_at <= now())"
                 " or exists (select from pgqueue.jobs where state = 'running')"
             )
         )[0]
@@ -480,6 +490,9 @@ def drain_once(
             raise RuntimeError(f"drain {tag} not done after {timeout:.0f}s:\n{b.worker_log(f'{tag}-0')}")
         time.sleep(0.02)
     wall = time.perf_counter() - started
+    if not reset:
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
     for i, worker in enumerate(workers):
         try:
             code = worker.wait(timeout=30)
@@ -498,7 +511,8 @@ def drain_once(
             " extract(epoch from max(finished_at))::float8,"
             " extract(epoch from max(finished_at) - min(started_at))::float8,"
             " count(distinct worker)"
-            " from pgqueue.jobs"
+            " from pgqueue.jobs where id > %s",
+            (first_id,),
         )
     )
     if succeeded != count:
@@ -677,8 +691,13 @@ def bench_exporter_scrape(b: Bench) -> None:
 
 
 def bench_latency(b: Bench) -> None:
+    b.results["latency"] = measure_latency(b, reset=True)
+
+
+def measure_latency(b: Bench, reset: bool) -> dict[str, Any]:
     config = b.config
-    b.reset()
+    if reset:
+        b.reset()
     latency_file = b.tmpdir / "latency.txt"
     latency_file.unlink(missing_ok=True)
     worker = b.spawn_worker(
@@ -757,10 +776,194 @@ def bench_latency(b: Bench) -> None:
     }
     if missing:
         raise RuntimeError(f"latency: {len(missing)} of {len(measured)} jobs never started")
-    b.results["latency"] = result
     log(
         f"latency at {result['achieved_rate']:.0f} jobs/s: p50 {result['p50_ms']:.2f} ms, "
         f"p95 {result['p95_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, max {result['max_ms']:.2f} ms"
+    )
+    return result
+
+
+# -- 6. history: the hot path beside 10 million finished jobs and 100,000 scheduled ones -----
+
+
+def build_history(b: Bench, finished: int, scheduled: int) -> float:
+    """Finished jobs (a month of them: 98% succeeded, 1% dead, 1% cancelled) and jobs scheduled for the next
+    days at priorities above the benchmark's, in both benchmark queues: in the claim
+    index, in front of every due job. Server-side, a million rows per statement."""
+    started = time.perf_counter()
+    done = 0
+    while done < finished:
+        step = min(1_000_000, finished - done)
+        b.admin.execute(
+            "insert into pgqueue.jobs (task, args, queue, state, attempt, run_at, started_at, finished_at)"
+            " select 'bench.old', jsonb_build_object('n', n), %s,"
+            # 98% successes, 1% dead, 1% cancelled
+            " (case n %% 100 when 0 then 'dead' when 1 then 'cancelled' else 'succeeded' end)"
+            "::pgqueue.job_state,"
+            " 1, t, t, t + interval '10 milliseconds'"
+            " from generate_series(%s::bigint, %s::bigint) n,"
+            " lateral (select now() - interval '30 days' + n * interval '250 microseconds') s(t)",
+            (bench.NOOP_QUEUE, done + 1, done + step),
+        )
+        done += step
+    for queue in (bench.NOOP_QUEUE, bench.LATENCY_QUEUE):
+        b.admin.execute(
+            "insert into pgqueue.jobs (task, args, queue, priority, run_at)"
+            " select 'bench.later', '{}', %s, 1 + n %% 3, now() + interval '1 day' + n * interval '1 second'"
+            " from generate_series(1, %s) n",
+            (queue, scheduled // 2),
+        )
+    b.admin.execute("vacuum (analyze) pgqueue.jobs")
+    b.checkpoint()
+    return time.perf_counter() - started
+
+
+def heartbeat_hot_ratio(b: Bench, jobs: int = 200, beats: int = 10) -> float:
+    """Claim `jobs` fresh jobs, heartbeat them `beats` times: the share of HOT updates."""
+    b.fill(jobs, queue="bench-heartbeat")
+    held = b.admin.execute(
+        "select id, attempt from pgqueue.claim_jobs('bench-hb', array['bench-heartbeat'], %s, 60)", (jobs,)
+    ).fetchall()
+
+    def updates() -> tuple[int, int]:
+        b.admin.execute("select pg_stat_force_next_flush()")
+        b.admin.execute("select pg_stat_clear_snapshot()")
+        row = one(
+            b.admin.execute(
+                "select n_tup_upd, n_tup_hot_upd from pg_stat_user_tables"
+                " where schemaname = 'pgqueue' and relname = 'jobs'"
+            )
+        )
+        return int(row[0]), int(row[1])
+
+    before = updates()
+    for _ in range(beats):
+        b.admin.execute(
+            "select count(*) from pgqueue.heartbeat_v2('bench-hb', %s, %s, 60)",
+            ([row[0] for row in held], [row[1] for row in held]),
+        )
+    after = updates()
+    b.admin.execute("delete from pgqueue.jobs where queue = 'bench-heartbeat'")
+    return (after[1] - before[1]) / max(1, after[0] - before[0])
+
+
+def query_ms(b: Bench, call: Callable[[], object], times: int = 10) -> float:
+    seconds = []
+    for _ in range(times):
+        started = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds) * 1000
+
+
+def measure_hot_path(b: Bench, label: str) -> dict[str, Any]:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from pgqueue.metrics import DatabaseCollector
+    from pgqueue.status import dead_letter, overview
+
+    figures: dict[str, Any] = {}
+    with psycopg.connect(b.dsn, autocommit=True) as connection:
+        for n in range(50):
+            bench.noop.enqueue(connection, n=n)  # warm-up
+        rates = []
+        for _ in range(3):
+            jobs, elapsed = _enqueue_for(1.0, lambda n: bench.noop.enqueue(connection, n=n))
+            rates.append(jobs / elapsed)
+        figures["enqueue_jobs_per_s"] = statistics.median(rates)
+        b.admin.execute(
+            "delete from pgqueue.jobs where task = 'bench.noop' and state = 'queued'"
+        )  # not part of the drain below
+        figures["status_ms"] = query_ms(b, lambda: overview(connection))
+        figures["dead_letter_ms"] = query_ms(b, lambda: dead_letter(connection))
+    registry = CollectorRegistry()
+    collector = DatabaseCollector(b.dsn)
+    registry.register(collector)
+    generate_latest(registry)
+    figures["exporter_ms"] = query_ms(b, lambda: generate_latest(registry))
+    collector.close()
+    figures["heartbeat_hot_ratio"] = heartbeat_hot_ratio(b)
+    figures["drain_2p_jobs_per_s"] = drain_once(b, 2, 200, label=f"-{label}", reset=False)[
+        "window_jobs_per_s"
+    ]
+    latency = measure_latency(b, reset=False)
+    figures["latency_p50_ms"], figures["latency_p99_ms"] = latency["p50_ms"], latency["p99_ms"]
+    log(f"hot path ({label}): " + ", ".join(f"{key} {value:,.2f}" for key, value in figures.items()))
+    return figures
+
+
+def bench_history(b: Bench) -> None:
+    finished = 10_000_000 if b.config.name == "full" else 100_000
+    scheduled = 100_000 if b.config.name == "full" else 10_000
+    b.reset()
+    empty = measure_hot_path(b, "empty")
+    b.reset()
+    built = build_history(b, finished, scheduled)
+    log(f"history: {finished:,} finished and {scheduled:,} scheduled jobs built in {built:.0f}s")
+    full = measure_hot_path(b, "history")
+    b.results["history"] = {"finished": finished, "scheduled": scheduled, "empty": empty, "history": full}
+
+
+# -- 7. soak: millions of jobs through with retention on; the table stays bounded ----------
+
+
+def relation_sizes(b: Bench) -> tuple[int, int]:
+    row = one(b.admin.execute("select pg_relation_size('pgqueue.jobs'), pg_indexes_size('pgqueue.jobs')"))
+    return int(row[0]), int(row[1])
+
+
+def bench_soak(b: Bench) -> None:
+    """Jobs through two workers at full speed while their leader prunes successes after 20 s:
+    the table and its indexes are sampled as it goes and must level off, not grow with the
+    number of jobs that went through."""
+    total = 2_000_000 if b.config.name == "full" else 100_000
+    batch = 50_000 if b.config.name == "full" else 10_000
+    b.reset()
+    b.admin.execute("select pgqueue.set_retention('succeeded', interval '20 seconds')")
+    env = {"PGQUEUE_RESCUE_INTERVAL": "1"}  # the leader's round: prune often
+    workers = [b.spawn_worker(bench.NOOP_QUEUE, 200, burst=False, tag=f"soak-{i}", env=env) for i in range(2)]
+    samples: list[tuple[float, int, int, int]] = []
+    started = time.perf_counter()
+    enqueued = 0
+    next_sample = 0.0
+    try:
+        while True:
+            waiting = int(one(b.admin.execute("select count(*) from pgqueue.jobs where state = 'queued'"))[0])
+            if enqueued < total and waiting < batch:
+                b.fill(batch)
+                enqueued += batch
+            now = time.perf_counter() - started
+            if now >= next_sample:
+                table_bytes, index_bytes = relation_sizes(b)
+                rows = int(one(b.admin.execute("select count(*) from pgqueue.jobs"))[0])
+                samples.append((now, table_bytes, index_bytes, rows))
+                next_sample = now + (15.0 if b.config.name == "full" else 2.0)
+            if enqueued >= total and waiting == 0:
+                break
+            if any(worker.poll() is not None for worker in workers):
+                raise RuntimeError(f"a soak worker exited:\n{b.worker_log('soak-0')}")
+            time.sleep(0.5)
+        elapsed = time.perf_counter() - started
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        for worker in workers:
+            with suppress(subprocess.TimeoutExpired):
+                worker.wait(timeout=60)
+        b.children.clear()
+        b.admin.execute("select pgqueue.set_retention('succeeded', interval '1 day')")
+    table_bytes, index_bytes = relation_sizes(b)
+    b.results["soak"] = {
+        "jobs": total,
+        "seconds": elapsed,
+        "samples": samples,
+        "half_way": samples[len(samples) // 2],
+        "end": (elapsed, table_bytes, index_bytes),
+    }
+    log(
+        f"soak: {total:,} jobs in {elapsed:.0f}s; table {table_bytes / 1e6:.0f} MB, indexes "
+        f"{index_bytes / 1e6:.0f} MB at the end (half-way: {samples[len(samples) // 2][1] / 1e6:.0f} MB, "
+        f"{samples[len(samples) // 2][2] / 1e6:.0f} MB)"
     )
 
 
@@ -874,6 +1077,55 @@ def table(b: Bench) -> str:
     elif "exporter_scrape" in error:
         rows.append(("exporter scrape", "ERROR", "", "", ""))
 
+    history = r.get("history")
+    if history:
+        empty, full = history["empty"], history["history"]
+        label = f"{history['finished']:,} finished + {history['scheduled']:,} scheduled"
+        for key, name, better, goal in (
+            ("drain_2p_jobs_per_s", "drain 2 proc", "higher", 1 / 1.2),
+            ("enqueue_jobs_per_s", "single enqueue", "higher", 1 / 1.1),
+            ("latency_p50_ms", "claim latency p50 (ms)", "lower", 1.2),
+            ("latency_p99_ms", "claim latency p99 (ms)", "lower", None),
+            ("status_ms", "pgqueue status (ms)", "lower", None),
+            ("exporter_ms", "exporter scrape (ms)", "lower", None),
+            ("dead_letter_ms", "dead-letter listing (ms)", "lower", None),
+            ("heartbeat_hot_ratio", "heartbeats that are HOT", "higher", None),
+        ):
+            share = full[key] / empty[key] if empty[key] else None
+            target = ""
+            if goal is not None and share is not None:
+                ok = share >= goal if better == "higher" else share <= goal
+                target = (
+                    f"{'>=' if better == 'higher' else '<='} {goal:.2f}x of empty: {'ok' if ok else 'MISSED'}"
+                )
+            elif key.endswith("_ms"):
+                target = f"< 100 ms: {'ok' if full[key] < 100 else 'MISSED'}"
+            rows.append(
+                (
+                    f"{name}, {label}",
+                    f"{full[key]:,.2f}",
+                    f"{empty[key]:,.2f} (empty table)",
+                    f"{share:.2f}x" if share is not None else "",
+                    target,
+                )
+            )
+    elif "history" in error:
+        rows.append(("history", "ERROR", "", "", ""))
+    soak = r.get("soak")
+    if soak:
+        half, end = soak["half_way"], soak["end"]
+        rows.append(
+            (
+                f"soak {soak['jobs']:,} jobs, retention 20 s: table + indexes",
+                f"{(end[1] + end[2]) / 1e6:,.0f} MB at the end",
+                f"{(half[1] + half[2]) / 1e6:,.0f} MB half-way",
+                "",
+                f"{soak['jobs'] / soak['seconds']:,.0f} jobs/s through",
+            )
+        )
+    elif "soak" in error:
+        rows.append(("soak", "ERROR", "", "", ""))
+
     header = ("measure", "pgqueue", "raw-SQL ceiling", "pgqueue / ceiling", "target")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(5)]
 
@@ -961,6 +1213,8 @@ PHASES: list[tuple[str, Callable[[Bench], None]]] = [
     ("latency", bench_latency),
     ("metrics_overhead", bench_metrics_overhead),
     ("exporter_scrape", bench_exporter_scrape),
+    ("history", bench_history),
+    ("soak", bench_soak),
 ]
 
 

@@ -109,10 +109,10 @@ select coalesce(sum(s.succeeded + s.dead + s.cancelled), 0)::bigint,
 from pgqueue.task_stats_since(now() - make_interval(secs => %(seconds)s)) as s
 
 -- name: dead_jobs
--- The dead letter, newest first.
+-- The dead letter, newest first (the finished-jobs index, read backwards).
 select id, task, queue, attempt, finished_at, errors -> -1 ->> 'error' as last_error
-from pgqueue.jobs where state = 'dead'
-order by finished_at desc nulls last, id desc
+from pgqueue.jobs where state = 'dead' and finished_at is not null
+order by finished_at desc, id desc
 limit %(limit)s
 
 -- name: retry_dead_batch

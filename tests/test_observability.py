@@ -386,11 +386,31 @@ def test_watching_reads_indexes_not_a_million_finished_jobs(dsn: str) -> None:
             "select status, count(*) from pgqueue.workers group by status",
             *readme_questions(),
         ]
-        for question in questions:
-            plan = "\n".join(
-                str(row[0]) for row in connection.execute(f"explain (costs off) {question}").fetchall()
-            )
+        # and the statements of pgqueue status, health, the exporter and the dead letter
+        from pgqueue.sql import query
+
+        parameters = {"seconds": 300, "limit": 20, "after": 0}
+        named = [
+            "status_counts",
+            "status_recent",
+            "dead_jobs",
+            "metrics_queue_stats",
+            "metrics_workers",
+            "health_queues",
+            "health_dead_recent",
+            "health_live_workers",
+        ]
+        for question, params in [*((q, None) for q in questions), *((query(n), parameters) for n in named)]:
+            rows = connection.execute(f"explain (costs off) {question}", params).fetchall()
+            plan = "\n".join(str(row[0]) for row in rows)
             assert "Seq Scan on jobs" not in plan, f"{question}\n{plan}"
+        # the redrive of the whole dead letter pages through it by id
+        batch = query("retry_dead_batch").split("with batch as materialized (")[1].split(")\nselect")[0]
+        rows = connection.execute(
+            f"explain (costs off) {batch.replace('for update skip locked', '')}", parameters
+        )
+        plan = "\n".join(str(row[0]) for row in rows.fetchall())
+        assert "jobs_dead" in plan, plan
     # the exporter's scrape reads them too (how long it takes is measured in benchmarks/)
     registry = CollectorRegistry()
     registry.register(DatabaseCollector(dsn))

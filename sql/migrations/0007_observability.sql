@@ -12,8 +12,13 @@
 -- (task statistics, throughput, failures, dead-letter growth) reads that window alone, one
 -- range per final state, and pruning (0008) reads each state's expired range alone.
 create index if not exists jobs_finished on pgqueue.jobs (state, finished_at) where finished_at is not null;
--- The dead letter per queue: its size and its newest entries without the rest of history.
-create index if not exists jobs_dead on pgqueue.jobs (queue, finished_at desc, id desc) where state = 'dead';
+-- The dead letter by id, with its queue: its size per queue counted from this index
+-- alone, and a redrive of all of it paged by id (its newest entries come from
+-- jobs_finished, read backwards).
+create index if not exists jobs_dead on pgqueue.jobs (id) include (queue) where state = 'dead';
+-- Jobs waiting to be retried after a failure: their errors, without reading a backlog of
+-- fresh jobs.
+create index if not exists jobs_retrying on pgqueue.jobs (id) where state = 'queued' and attempt > 0;
 
 -- An index of the same name left INVALID by a CREATE INDEX CONCURRENTLY that failed would be
 -- skipped above and then never used: every query it serves would read all history.
@@ -25,7 +30,8 @@ begin
     from pg_index i
     join pg_class c on c.oid = i.indexrelid
     join pg_namespace n on n.oid = c.relnamespace
-    where n.nspname = 'pgqueue' and c.relname in ('jobs_finished', 'jobs_dead') and not i.indisvalid
+    where n.nspname = 'pgqueue' and c.relname in ('jobs_finished', 'jobs_dead', 'jobs_retrying')
+      and not i.indisvalid
     limit 1;
     if v_index is not null then
         raise exception 'pgqueue: index pgqueue.% is invalid (a CREATE INDEX CONCURRENTLY that failed?): drop it, or build it again concurrently, then migrate', v_index;
@@ -177,8 +183,8 @@ where state in ('succeeded', 'dead', 'cancelled') and finished_at >= now() - int
 group by 1, 2, 3;
 
 -- Failed attempts since `p_since`, with their error: of the jobs that reached a final
--- state since then (the finished-jobs index) and of those queued or running now (the
--- claim and lease indexes), never a scan of all history.
+-- state since then (the finished-jobs index), of those waiting for a retry (the retrying
+-- index) and of those running a retry now; never a scan of all history or the backlog.
 create function pgqueue.failures_since(p_since timestamptz)
 returns table (
     job_id bigint,
@@ -199,9 +205,9 @@ language sql stable as $$
         where state in ('succeeded', 'dead', 'cancelled') and finished_at >= p_since
           and finished_at is not null
         union all
-        select * from pgqueue.jobs where state = 'queued'
+        select * from pgqueue.jobs where state = 'queued' and attempt > 0
         union all
-        select * from pgqueue.jobs where state = 'running'
+        select * from pgqueue.jobs where state = 'running' and attempt > 1
     ) as j
     cross join lateral jsonb_array_elements(j.errors) as e(entry)
     where (e.entry ->> 'at')::timestamptz >= p_since
