@@ -918,6 +918,40 @@ def bench_backlog(b: Bench) -> None:
     b.results["backlog"] = {"small": small, "large": large}
 
 
+def old_successes(b: Bench, count: int) -> None:
+    """`count` jobs that succeeded a month ago, in another queue than the drain's."""
+    b.admin.execute(
+        "insert into pgqueue.jobs (task, args, queue, state, attempt, run_at, started_at, finished_at)"
+        " select 'bench.old', '{}', 'history', 'succeeded', 1, t, t, t"
+        " from generate_series(1, %s) n, lateral (select now() - interval '30 days') s(t)",
+        (count,),
+    )
+    b.admin.execute("vacuum (analyze) pgqueue.jobs")
+
+
+def bench_prune_under_load(b: Bench) -> None:
+    """The 2-process drain of 300,000 jobs (50,000 quick) beside a million successes a month
+    old (100,000 quick), twice: with retention keeping them, and with the maintenance
+    leader pruning them (every second, up to 20 batches of 1,000) while the drain runs."""
+    history = 1_000_000 if b.config.name == "full" else 100_000
+    jobs = 300_000 if b.config.name == "full" else 50_000
+    env = {"PGQUEUE_RESCUE_INTERVAL": "1"}
+    runs: dict[str, Any] = {}
+    for label, keep in (("kept", None), ("pruned", "1 day")):
+        b.reset()
+        b.admin.execute("select pgqueue.set_retention('succeeded', %s::interval)", (keep,))
+        old_successes(b, history)
+        run = drain_once(b, 2, 200, env=env, label=f"-prune-{label}", reset=False, count=jobs)
+        left = int(one(b.admin.execute("select count(*) from pgqueue.jobs where queue = 'history'"))[0])
+        runs[label] = {"drain": run, "removed": history - left}
+    b.admin.execute("select pgqueue.set_retention('succeeded', interval '1 day')")
+    b.results["prune_under_load"] = {"history": history, **runs}
+    log(
+        f"prune under load: drain {rate(runs['pruned']['drain']['window_jobs_per_s'])} while pruning "
+        f"{runs['pruned']['removed']:,} rows, {rate(runs['kept']['drain']['window_jobs_per_s'])} without"
+    )
+
+
 # -- 8. soak: millions of jobs through with retention on; the table stays bounded ----------
 
 
@@ -1140,6 +1174,21 @@ def table(b: Bench) -> str:
         )
     elif "backlog" in error:
         rows.append(("backlog", "ERROR", "", "", ""))
+    pruning = r.get("prune_under_load")
+    if pruning:
+        kept, pruned = pruning["kept"]["drain"], pruning["pruned"]["drain"]
+        share = pruned["window_jobs_per_s"] / kept["window_jobs_per_s"]
+        rows.append(
+            (
+                f"drain 2 proc, pruning {pruning['pruned']['removed']:,} of {pruning['history']:,} old",
+                rate(pruned["window_jobs_per_s"]),
+                f"{rate(kept['window_jobs_per_s'])} (history kept)",
+                f"{share:.2f}x",
+                f">= 0.90x: {'ok' if share >= 0.9 else 'MISSED'}",
+            )
+        )
+    elif "prune_under_load" in error:
+        rows.append(("prune under load", "ERROR", "", "", ""))
     soak = r.get("soak")
     if soak:
         half, end = soak["half_way"], soak["end"]
@@ -1244,6 +1293,7 @@ PHASES: list[tuple[str, Callable[[Bench], None]]] = [
     ("exporter_scrape", bench_exporter_scrape),
     ("history", bench_history),
     ("backlog", bench_backlog),
+    ("prune_under_load", bench_prune_under_load),
     ("soak", bench_soak),
 ]
 
