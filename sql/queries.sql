@@ -98,15 +98,33 @@ select state from pgqueue.jobs where id = %(id)s
 select queue, state, jobs, oldest_due from pgqueue.queue_stats order by queue, state
 
 -- name: status_recent
--- Over the last %(seconds)s seconds: jobs that reached a final state, successes, attempts
--- that failed in the window (of any job, finished or to be retried), the mean run time of
--- the successes; and the live workers now.
-select coalesce(sum(s.succeeded + s.dead + s.cancelled), 0)::bigint,
-       coalesce(sum(s.succeeded), 0)::bigint,
-       (select count(*) from pgqueue.failures_since(now() - make_interval(secs => %(seconds)s))),
-       sum(s.run_mean_seconds * s.succeeded) / nullif(sum(s.succeeded), 0),
+-- Over the last %(seconds)s seconds, in one pass over the jobs that finished then (the
+-- finished-jobs index) and over those waiting for or running a retry: jobs finished,
+-- successes, attempts that failed in the window, the successes' mean run time; and the
+-- live workers now. (No percentiles: pgqueue.task_stats has them, at a sort's cost.)
+with since as (select now() - make_interval(secs => %(seconds)s) as t),
+recent as (
+    select j.state, j.started_at, j.finished_at, j.errors, true as finished
+    from pgqueue.jobs j, since
+    where j.state in ('succeeded', 'dead', 'cancelled') and j.finished_at >= since.t
+      and j.finished_at is not null
+    union all
+    select j.state, j.started_at, j.finished_at, j.errors, false
+    from pgqueue.jobs j where j.state = 'queued' and j.attempt > 0
+    union all
+    select j.state, j.started_at, j.finished_at, j.errors, false
+    from pgqueue.jobs j where j.state = 'running' and j.attempt > 1
+)
+select count(*) filter (where r.finished),
+       count(*) filter (where r.finished and r.state = 'succeeded'),
+       coalesce(sum((select count(*) from jsonb_array_elements(r.errors) as e(entry), since
+                     where (e.entry ->> 'at')::timestamptz >= since.t
+                       and e.entry ->> 'kind' not in ('redriven', 'unknown_task', 'bad_arguments', 'released')))
+                filter (where r.errors <> '[]'::jsonb), 0)::bigint,
+       avg(extract(epoch from r.finished_at - r.started_at)::double precision)
+           filter (where r.finished and r.state = 'succeeded'),
        (select count(*) from pgqueue.workers where status = 'live')
-from pgqueue.task_stats_since(now() - make_interval(secs => %(seconds)s)) as s
+from recent r
 
 -- name: dead_jobs
 -- The dead letter, newest first (the finished-jobs index, read backwards).
