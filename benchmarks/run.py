@@ -40,6 +40,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo  # noqa: E402
 
 import pgqueue  # noqa: E402
 from benchmarks import tasks as bench  # noqa: E402
+from pgqueue.database import NO_JIT  # noqa: E402
 from pgqueue.sql import query as pgqueue_query  # noqa: E402
 
 DEFAULT_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -865,7 +866,8 @@ def measure_hot_path(b: Bench, label: str) -> dict[str, Any]:
     from pgqueue.status import dead_letter, overview
 
     figures: dict[str, Any] = {}
-    with psycopg.connect(b.dsn, autocommit=True) as connection:
+    # the connection `pgqueue status` opens: without JIT (see pgqueue/database.py)
+    with psycopg.connect(b.dsn, autocommit=True, options=NO_JIT) as connection:
         for n in range(50):
             bench.noop.enqueue(connection, n=n)  # warm-up
         rates = []

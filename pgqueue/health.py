@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import psycopg
 
-from .database import KEEPALIVES
+from .database import KEEPALIVES, NO_JIT
 from .sql import query
 
 Status = Literal["healthy", "degraded", "critical"]
@@ -53,7 +53,7 @@ def check_health(
             autocommit=True,
             connect_timeout=max(1, int(timeout)),
             application_name="pgqueue-health",
-            options=f"-c statement_timeout={int(timeout * 1000)}",
+            options=f"-c statement_timeout={int(timeout * 1000)} {NO_JIT}",
             **KEEPALIVES,
         ) as connection:
             queues = connection.execute(query("health_queues")).fetchall()

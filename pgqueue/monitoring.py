@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 
 from .app import App
-from .database import redact
+from .database import NO_JIT, redact
 from .settings import Settings
 
 log = logging.getLogger("pgqueue")
@@ -80,7 +80,7 @@ def _status(arguments: argparse.Namespace, settings: Settings) -> int:
     from .status import overview
 
     app = App(settings)
-    with psycopg.connect(app.dsn, autocommit=True) as connection:
+    with psycopg.connect(app.dsn, autocommit=True, options=NO_JIT) as connection:
         check_schema(connection)
         seen = overview(connection, arguments.window)
     if arguments.json:

@@ -102,12 +102,11 @@ select queue, state, jobs, oldest_due from pgqueue.queue_stats order by queue, s
 -- finished-jobs index) and over those waiting for or running a retry: jobs finished,
 -- successes, attempts that failed in the window, the successes' mean run time; and the
 -- live workers now. (No percentiles: pgqueue.task_stats has them, at a sort's cost.)
-with since as (select now() - make_interval(secs => %(seconds)s) as t),
-recent as (
+with recent as (
     select j.state, j.started_at, j.finished_at, j.errors, true as finished
-    from pgqueue.jobs j, since
-    where j.state in ('succeeded', 'dead', 'cancelled') and j.finished_at >= since.t
-      and j.finished_at is not null
+    from pgqueue.jobs j
+    where j.state in ('succeeded', 'dead', 'cancelled')
+      and j.finished_at >= now() - make_interval(secs => %(seconds)s) and j.finished_at is not null
     union all
     select j.state, j.started_at, j.finished_at, j.errors, false
     from pgqueue.jobs j where j.state = 'queued' and j.attempt > 0
@@ -117,8 +116,8 @@ recent as (
 )
 select count(*) filter (where r.finished),
        count(*) filter (where r.finished and r.state = 'succeeded'),
-       coalesce(sum((select count(*) from jsonb_array_elements(r.errors) as e(entry), since
-                     where (e.entry ->> 'at')::timestamptz >= since.t
+       coalesce(sum((select count(*) from jsonb_array_elements(r.errors) as e(entry)
+                     where (e.entry ->> 'at')::timestamptz >= now() - make_interval(secs => %(seconds)s)
                        and e.entry ->> 'kind' not in ('redriven', 'unknown_task', 'bad_arguments', 'released')))
                 filter (where r.errors <> '[]'::jsonb), 0)::bigint,
        avg(extract(epoch from r.finished_at - r.started_at)::double precision)

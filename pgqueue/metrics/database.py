@@ -20,7 +20,7 @@ import psycopg
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ..database import KEEPALIVES
+from ..database import KEEPALIVES, NO_JIT
 from ..sql import query
 
 log = logging.getLogger("pgqueue")
@@ -109,7 +109,7 @@ class DatabaseCollector(Collector):
                 autocommit=True,
                 connect_timeout=max(1, int(self._timeout)),
                 application_name="pgqueue-metrics",
-                options=f"-c statement_timeout={int(self._timeout * 1000)}",
+                options=f"-c statement_timeout={int(self._timeout * 1000)} {NO_JIT}",
                 **KEEPALIVES,
             )
         queues = connection.execute(query("metrics_queue_stats")).fetchall()
