@@ -7,19 +7,24 @@ The logic lives once, in generators that yield statements and receive their rows
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import psycopg
 
+from .connection import CONNECTION_ERRORS, Backoff, WorkerConnection
 from .errors import (
     MigrationChecksumError,
     MigrationLockTimeoutError,
+    SchemaError,
     SchemaNotMigratedError,
     SchemaTooNewError,
 )
 from .plans import Plan, atomic, atomic_async, drive, drive_async
 from .sql import Migration, latest_version, migrations
+
+log = logging.getLogger("pgqueue")
 
 # Any fixed 64-bit number works; this one spells "pgqueue" in ASCII.
 _MIGRATION_LOCK_KEY = 0x706771756575
@@ -196,3 +201,32 @@ def check_schema(connection: psycopg.Connection[Any]) -> int:
 async def check_schema_async(connection: psycopg.AsyncConnection[Any]) -> int:
     """The async twin of `check_schema`."""
     return await drive_async(connection, _version_plan())
+
+
+async def wait_for_schema(
+    connection: WorkerConnection,
+    reconnect_max_delay: float,
+    stopping: Callable[[], bool],
+    sleep: Callable[[float], Awaitable[None]],
+) -> bool:
+    """A worker's start: connect (retrying with backoff while the database is unreachable)
+    and check the schema version. False if `stopping()` became true first; a schema that
+    does not fit raises SchemaError."""
+    backoff = Backoff(cap=reconnect_max_delay)
+    while not stopping():
+        try:
+            await check_schema_async(await connection.connect())
+            return True
+        except SchemaError:
+            raise
+        except CONNECTION_ERRORS as error:
+            await connection.discard()
+            delay = backoff.next_delay()
+            log.warning(
+                "database unreachable (%s: %s); retrying in %.1fs",
+                type(error).__name__,
+                str(error).strip(),
+                delay,
+            )
+            await sleep(delay)
+    return False

@@ -30,9 +30,9 @@ import psycopg
 from .app import App
 from .attempts import run_attempt
 from .completer import Completer
-from .connection import CONNECTION_ERRORS, Backoff, DatabaseUnavailable, WorkerConnection
+from .connection import Backoff, DatabaseUnavailable, WorkerConnection
 from .context import JobContext, _current
-from .errors import ConfigurationError, SchemaError
+from .errors import ConfigurationError
 from .executors import Executors
 from .hooks import (
     Connected,
@@ -48,7 +48,7 @@ from .listener import Listener
 from .logs import log_job_finished, log_job_started
 from .maintenance import Maintenance
 from .metrics.worker import serve_worker_metrics
-from .migrate import check_schema_async
+from .migrate import wait_for_schema
 from .models import NAME_PATTERN, ClaimedJob
 from .outcomes import Outcome, describe
 from .registry import register_tasks
@@ -166,7 +166,9 @@ class Worker:
         background: list[asyncio.Task[None]] = []
         stop_metrics: Callable[[], None] | None = None
         try:
-            if not await self._wait_for_schema():
+            if not await wait_for_schema(
+                self._claimer, self.settings.reconnect_max_delay, lambda: self._stopping, self._sleep
+            ):
                 return
             await register_tasks(self._claimer, self.worker_id, list(self.app.tasks.values()))
             log.info(
@@ -260,28 +262,6 @@ class Worker:
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(signum, self._request_stop)
         return True
-
-    async def _wait_for_schema(self) -> bool:
-        """Connect (retrying while the database is unreachable) and check the schema version."""
-        backoff = Backoff(cap=self.settings.reconnect_max_delay)
-        while not self._stopping:
-            try:
-                connection = await self._claimer.connect()
-                await check_schema_async(connection)
-                return True
-            except SchemaError:
-                raise
-            except CONNECTION_ERRORS as error:
-                await self._claimer.discard()
-                delay = backoff.next_delay()
-                log.warning(
-                    "database unreachable (%s: %s); retrying in %.1fs",
-                    type(error).__name__,
-                    str(error).strip(),
-                    delay,
-                )
-                await self._sleep(delay)
-        return False
 
     async def _claim_loop(self) -> None:
         assert self._wake and self._slot_freed
