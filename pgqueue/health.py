@@ -13,12 +13,14 @@ convention); `/health` answers 200 for healthy and degraded (the service works) 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import psycopg
 
 from .database import KEEPALIVES, NO_JIT
+from .settings import Settings
 from .sql import query
 
 Status = Literal["healthy", "degraded", "critical"]
@@ -102,3 +104,13 @@ def judge(
     if dead_recently:
         worse("degraded", f"{dead_recently} job(s) dead-lettered in the last {dead_window:g}s")
     return Health(status, reasons, live_workers)
+
+
+def checker(dsn: str, settings: Settings) -> Callable[[], Health]:
+    """`check_health` with the settings' thresholds: what a /health endpoint asks."""
+    return lambda: check_health(
+        dsn,
+        max_ready_age=settings.health_max_ready_age,
+        dead_window=settings.health_dead_window,
+        timeout=min(5.0, settings.statement_timeout),
+    )

@@ -125,7 +125,7 @@ def _health(arguments: argparse.Namespace, settings: Settings) -> int:
 def _metrics(arguments: argparse.Namespace, settings: Settings) -> int:
     from prometheus_client import CollectorRegistry
 
-    from .health import check_health
+    from .health import checker
     from .metrics import DatabaseCollector, MetricsServer
 
     app = App(settings)
@@ -137,12 +137,7 @@ def _metrics(arguments: argparse.Namespace, settings: Settings) -> int:
         registry,
         arguments.port,
         settings.metrics_host,
-        health=lambda: check_health(
-            dsn,
-            max_ready_age=settings.health_max_ready_age,
-            dead_window=settings.health_dead_window,
-            timeout=min(5.0, settings.statement_timeout),
-        ),
+        health=checker(dsn, settings),
     )
     log.info(
         "exporting the metrics of %s on http://%s:%d/metrics (health on /health)",

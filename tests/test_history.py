@@ -141,8 +141,10 @@ def test_heartbeats_are_hot_updates(connection: psycopg.Connection[Any]) -> None
     after = updates()
     updated, hot = after[0] - before[0], after[1] - before[1]
     assert updated == 2000
-    # most (with an index on the lease, none): a page's first heartbeats may find it full
-    assert hot >= 0.8 * updated, f"{hot} of {updated} heartbeat updates were HOT"
+    # With an index on the lease, not one could be. Here 83-86% are (benchmarks/): a page's
+    # first heartbeats may find it full, and fewer when other sessions' snapshots keep
+    # old row versions from being pruned (measured 75% beside a second test suite).
+    assert hot >= 0.5 * updated, f"{hot} of {updated} heartbeat updates were HOT"
 
 
 # -- retention and pruning ----------------------------------------------------------------

@@ -341,7 +341,7 @@ def serve_worker_metrics(
     """Serve a worker's /metrics and /health on `settings.metrics_port`: (the port, the stopper)."""
     from prometheus_client import CollectorRegistry
 
-    from ..health import check_health
+    from ..health import checker
     from .server import MetricsServer
 
     registry = CollectorRegistry(auto_describe=True)
@@ -353,12 +353,7 @@ def serve_worker_metrics(
         registry,
         settings.metrics_port,
         settings.metrics_host,
-        health=lambda: check_health(
-            dsn,
-            max_ready_age=settings.health_max_ready_age,
-            dead_window=settings.health_dead_window,
-            timeout=min(5.0, settings.statement_timeout),
-        ),
+        health=checker(dsn, settings),
     )
     log.info("metrics on http://%s:%d/metrics, health on /health", settings.metrics_host, server.port)
 

@@ -21,8 +21,11 @@ create index if not exists jobs_dead on pgqueue.jobs (id) include (queue) where 
 create index if not exists jobs_retrying on pgqueue.jobs (id) where state = 'queued' and attempt > 0;
 
 -- An index of the same name left INVALID by a CREATE INDEX CONCURRENTLY that failed would be
--- skipped above and then never used: every query it serves would read all history.
-do $$
+-- skipped by `create index if not exists` and then never used: every query it serves would
+-- read all history. Migrations that build indexes call this to fail loudly instead.
+create function pgqueue.require_valid_indexes(p_names text[])
+returns void
+language plpgsql as $$
 declare
     v_index text;
 begin
@@ -30,14 +33,14 @@ begin
     from pg_index i
     join pg_class c on c.oid = i.indexrelid
     join pg_namespace n on n.oid = c.relnamespace
-    where n.nspname = 'pgqueue' and c.relname in ('jobs_finished', 'jobs_dead', 'jobs_retrying')
-      and not i.indisvalid
+    where n.nspname = 'pgqueue' and c.relname = any(p_names) and not i.indisvalid
     limit 1;
     if v_index is not null then
         raise exception 'pgqueue: index pgqueue.% is invalid (a CREATE INDEX CONCURRENTLY that failed?): drop it, or build it again concurrently, then migrate', v_index;
     end if;
 end
 $$;
+select pgqueue.require_valid_indexes(array['jobs_finished', 'jobs_dead', 'jobs_retrying']);
 
 -- One row per worker process: each records itself when it starts and every maintenance
 -- round after (about every 5 s), and says when it stops. A worker not seen until

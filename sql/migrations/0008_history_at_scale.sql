@@ -15,23 +15,7 @@
 create index if not exists jobs_running on pgqueue.jobs (worker) where state = 'running';
 drop index if exists pgqueue.jobs_lease;
 
--- An index of the same name left INVALID by a CREATE INDEX CONCURRENTLY that failed would be
--- skipped above and then never used: every query it serves would read all history.
-do $$
-declare
-    v_index text;
-begin
-    select c.relname into v_index
-    from pg_index i
-    join pg_class c on c.oid = i.indexrelid
-    join pg_namespace n on n.oid = c.relnamespace
-    where n.nspname = 'pgqueue' and c.relname in ('jobs_running') and not i.indisvalid
-    limit 1;
-    if v_index is not null then
-        raise exception 'pgqueue: index pgqueue.% is invalid (a CREATE INDEX CONCURRENTLY that failed?): drop it, or build it again concurrently, then migrate', v_index;
-    end if;
-end
-$$;
+select pgqueue.require_valid_indexes(array['jobs_running']);  -- see 0007
 
 -- Room on each page for the new version of a heartbeat's row (HOT needs the same page),
 -- and autovacuum sized for a table that churns: the defaults wait for 20% of the table
