@@ -54,7 +54,7 @@ def _retention(arguments: argparse.Namespace, settings: Settings) -> int:
                     query("set_retention"),
                     {"state": arguments.state, "keep": keep, "queue": arguments.queue},
                 )
-            except (psycopg.errors.InvalidParameterValue, psycopg.errors.InvalidDatetimeFormat) as error:
+            except psycopg.DataError as error:  # not an interval, negative, out of range
                 reason = str(error).strip().splitlines()[0]
                 raise ConfigurationError(f"cannot keep {arguments.keep!r}: {reason}") from None
         rows = connection.execute(query("retention")).fetchall()

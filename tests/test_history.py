@@ -61,6 +61,31 @@ def test_claims_keep_priority_order_and_never_take_a_job_before_it_is_due(
     assert state == [("queued",)]
 
 
+def test_a_queue_named_twice_is_claimed_from_once_in_priority_order(
+    connection: psycopg.Connection[Any],
+) -> None:
+    high = [enqueue(connection, "a", 10, NOW - timedelta(seconds=10)) for _ in range(5)]
+    enqueue(connection, "a", 5, NOW - timedelta(seconds=20))
+    assert claim(connection, ["a", "a"], 4) == high[:4]
+
+
+def test_a_due_job_beneath_many_levels_of_later_jobs_is_claimed(
+    connection: psycopg.Connection[Any],
+) -> None:
+    # 200 priority levels above the due job, each holding one job for tomorrow: each is
+    # one probe of the claim (its earliest job is not due), never a claim statement of its
+    # own (which cost 20-30 ms of planning for 100 such levels; see benchmarks/README.md)
+    execute(
+        connection,
+        "insert into pgqueue.jobs (task, queue, priority, run_at)"
+        " select 't', 'work', n, %s + interval '1 day' from generate_series(1, 200) n",
+        (NOW,),
+    )
+    due = enqueue(connection, "work", 0, NOW - timedelta(seconds=1))
+    assert claim(connection, ["work"], 10) == [due]
+    assert claim(connection, ["work"], 10) == []
+
+
 def claim_buffers(connection: psycopg.Connection[Any]) -> int:
     """Shared buffers one claim of 10 jobs touches (rolled back), once its plans are cached."""
     counts = []
@@ -273,7 +298,7 @@ def test_the_retention_and_prune_commands(dsn: str, connection: psycopg.Connecti
 
 @pytest.mark.slow
 def test_the_maintenance_leader_prunes_while_a_worker_runs(dsn: str, sample: Any) -> None:
-    from pgqueue.testing import running_worker, wait_for
+    from pgqueue.testing import running_worker, wait_for, wait_for_states
 
     with psycopg.connect(dsn, autocommit=True) as connection:
         execute(
@@ -285,6 +310,7 @@ def test_the_maintenance_leader_prunes_while_a_worker_runs(dsn: str, sample: Any
         settings = sample.settings.model_copy(update={"rescue_interval": 0.2})
         with running_worker(sample, settings=settings):
             job_id = sample.enqueue(None, "cpu", {"n": 5})
+            wait_for_states(dsn, [job_id])  # ran (its lead may have pruned before it came)
             wait_for(
                 lambda: execute(connection, "select count(*) from pgqueue.jobs where task = 'old'") == [(0,)],
                 timeout=60,

@@ -17,11 +17,13 @@ drop index if exists pgqueue.jobs_lease;
 
 select pgqueue.require_valid_indexes(array['jobs_running']);  -- see 0007
 
--- Room on each page for the new version of a heartbeat's row (HOT needs the same page),
--- and autovacuum sized for a table that churns: the defaults wait for 20% of the table
--- to be dead, which with millions of finished jobs kept is millions of dead tuples in
--- the hot rows first. A few thousand dead rows, or 2% of the table, start a vacuum now,
--- and it runs without sleeping between pages.
+-- Room on each page for the new version of a heartbeat's row (HOT needs the same page;
+-- pages written before this migration stay full until rewritten), and autovacuum sized
+-- for a table that churns: the defaults wait for 20% of the table to be dead, which with
+-- millions of finished jobs kept is millions of dead tuples in the hot rows first. Now
+-- 5,000 dead rows plus 2% of the table start a vacuum (about 205,000 with 10 million
+-- jobs kept: retention keeps the table small), and it runs unthrottled (no sleeping
+-- between pages: a queue's table is better vacuumed fast than gently).
 alter table pgqueue.jobs set (
     fillfactor = 80,
     autovacuum_vacuum_threshold = 5000,
@@ -57,20 +59,26 @@ declare
     v_level smallint;
     v_claimed integer;
 begin
+    -- a queue named twice would be claimed from twice, in the wrong order
+    p_queues := array(select distinct q from unnest(p_queues) as q);
     for v_level in
-        with recursive levels(queue, priority) as (
-            select q.name, (select j.priority from pgqueue.jobs j
-                            where j.state = 'queued' and j.queue = q.name
-                            order by j.priority desc limit 1)
+        -- each probe reads the first entry of a level: its priority and its earliest due
+        -- time; only levels with a job due now are claimed from (a level that holds only
+        -- jobs for later costs one probe, never a statement)
+        with recursive levels(queue, priority, due) as (
+            select q.name, first.priority, first.run_at
             from unnest(p_queues) as q(name)
+            cross join lateral (select j.priority, j.run_at from pgqueue.jobs j
+                                where j.state = 'queued' and j.queue = q.name
+                                order by j.priority desc, j.run_at limit 1) as first
             union all
-            select l.queue, (select j.priority from pgqueue.jobs j
-                             where j.state = 'queued' and j.queue = l.queue and j.priority < l.priority
-                             order by j.priority desc limit 1)
+            select l.queue, next.priority, next.run_at
             from levels l
-            where l.priority is not null
+            cross join lateral (select j.priority, j.run_at from pgqueue.jobs j
+                                where j.state = 'queued' and j.queue = l.queue and j.priority < l.priority
+                                order by j.priority desc, j.run_at limit 1) as next
         )
-        select distinct l.priority from levels l where l.priority is not null order by 1 desc
+        select distinct l.priority from levels l where l.due <= v_now order by 1 desc
     loop
         return query
         with candidates as (
