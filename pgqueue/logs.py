@@ -16,10 +16,12 @@ from __future__ import annotations
 import json
 import logging
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .models import ClaimedJob
-from .outcomes import Outcome
+
+if TYPE_CHECKING:  # outcomes logs with job_fields: a type here, not an import
+    from .outcomes import Outcome
 
 log = logging.getLogger("pgqueue")
 

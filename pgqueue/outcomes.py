@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from .errors import InvalidJobError
+from .logs import job_fields
 from .models import MAX_DELAY_SECONDS, ClaimedJob
 from .payloads import encode_json
 from .settings import Settings
@@ -148,13 +149,7 @@ def failure(
             job.attempt,
             job.max_attempts,
             message,
-            extra={
-                "job_id": job.id,
-                "task": job.task,
-                "queue": job.queue,
-                "attempt": job.attempt,
-                "outcome": kind,
-            },
+            extra=job_fields(job, outcome=kind),
         )
     # jsonb cannot hold U+0000, which an exception message may well contain
     message = message.replace("\x00", "\\x00")
@@ -191,13 +186,7 @@ def hand_back(job: ClaimedJob, settings: Settings, kind: str, message: str) -> O
         settings.handback_delay,
         settings.unknown_task_timeout,
         message,
-        extra={
-            "job_id": job.id,
-            "task": job.task,
-            "queue": job.queue,
-            "attempt": job.attempt,
-            "outcome": "handed_back",
-        },
+        extra=job_fields(job, outcome="handed_back"),
     )
     error = {
         "kind": kind,

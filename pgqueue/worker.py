@@ -183,13 +183,9 @@ class Worker:
                 task.add_done_callback(_report_crash)
                 background.append(task)
             if settings.metrics_port is not None:
+                slots = lambda: (len(self._running), self.concurrency)  # noqa: E731 - read at scrape
                 self.metrics_port, stop_metrics = serve_worker_metrics(
-                    self.worker_id,
-                    self.app.hooks,
-                    settings,
-                    dsn,
-                    lambda: (len(self._running), self.concurrency),
-                    [(task.default_options.queue, task.name) for task in self.app.tasks.values()],
+                    self.worker_id, self.app, settings, slots
                 )
             self.started.set()
             self.app.hooks.emit(WorkerStarted(self.worker_id, tuple(self.queues), self.concurrency))

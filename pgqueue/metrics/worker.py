@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -40,7 +40,10 @@ from ..hooks import (
     WorkerStarted,
 )
 from ..maintenance.presence import version
-from ..settings import Settings
+
+if TYPE_CHECKING:
+    from ..app import App
+    from ..settings import Settings
 
 log = logging.getLogger("pgqueue")
 
@@ -331,14 +334,11 @@ def _histogram_family(
 
 
 def serve_worker_metrics(
-    worker: str,
-    hooks: Hooks,
-    settings: Settings,
-    dsn: str,
-    slots: Callable[[], tuple[int, int]],
-    tasks: Iterable[tuple[str, str]],
+    worker: str, app: App, settings: Settings, slots: Callable[[], tuple[int, int]]
 ) -> tuple[int, Callable[[], None]]:
     """Serve a worker's /metrics and /health on `settings.metrics_port`: (the port, the stopper)."""
+    hooks, dsn = app.hooks, app.dsn
+    tasks = [(task.default_options.queue, task.name) for task in app.tasks.values()]
     from prometheus_client import CollectorRegistry
 
     from ..health import checker
