@@ -26,7 +26,12 @@ def add_commands(commands: Any, settings: Callable[..., Settings]) -> None:
         "retention", help="show, or set, how long finished jobs are kept (per state, per queue)"
     )
     command.add_argument("state", nargs="?", choices=FINAL_STATES, help="the final state to set")
-    command.add_argument("keep", nargs="?", help="a PostgreSQL interval ('36 hours', '7 days') or 'forever'")
+    command.add_argument(
+        "keep",
+        nargs="?",
+        help="a PostgreSQL interval ('36 hours', '7 days'), 'forever', or with --queue 'default'"
+        " (the queue follows the state's default again)",
+    )
     command.add_argument("--queue", default="*", help="only this queue (default: every queue, '*')")
     command.set_defaults(handler=with_settings(_retention))
 
@@ -47,7 +52,15 @@ def _retention(arguments: argparse.Namespace, settings: Settings) -> int:
     if (arguments.state is None) != (arguments.keep is None):
         raise ConfigurationError("give both a state and how long to keep it, or neither to list")
     with _connect(settings) as connection:
-        if arguments.state is not None:
+        if arguments.state is not None and arguments.keep.strip().lower() == "default":
+            if arguments.queue == "*":
+                raise ConfigurationError("'default' removes a queue's own retention: give --queue")
+            row = connection.execute(
+                query("clear_retention"), {"state": arguments.state, "queue": arguments.queue}
+            ).fetchone()
+            if not (row and row[0]):
+                print(f"queue {arguments.queue} had no retention of its own for {arguments.state} jobs")
+        elif arguments.state is not None:
             keep = None if arguments.keep.strip().lower() == "forever" else arguments.keep
             try:
                 connection.execute(

@@ -4,7 +4,7 @@
 
 -- name: insert_job
 -- Insert one job (the enqueue hot path: one statement, one round trip).
-insert into pgqueue.jobs (
+insert into pgqueue.active_jobs (
     task, args, queue, priority, run_at, max_attempts, timeout_seconds,
     backoff, backoff_base_seconds, backoff_max_seconds, backoff_jitter
 ) values (
@@ -24,7 +24,7 @@ from generate_series(1, %(count)s)
 
 -- name: copy_jobs
 -- COPY target for bulk enqueue.
-copy pgqueue.jobs (
+copy pgqueue.active_jobs (
     id, task, args, queue, priority, run_at, max_attempts, timeout_seconds,
     backoff, backoff_base_seconds, backoff_max_seconds, backoff_jitter
 ) from stdin
@@ -73,7 +73,7 @@ select pgqueue.resign(%(duty)s, %(worker)s)
 -- Seconds until the next queued job of these queues falls due (lets an idle worker sleep
 -- exactly), null when none is queued. Database time, so worker clocks may drift.
 select extract(epoch from min(run_at) - now())::double precision
-from pgqueue.jobs where state = 'queued' and queue = any(%(queues)s)
+from pgqueue.active_jobs where state = 'queued' and queue = any(%(queues)s)
 
 -- name: get_job
 -- One job by id.
@@ -104,15 +104,15 @@ select queue, state, jobs, oldest_due from pgqueue.queue_stats order by queue, s
 -- live workers now. (No percentiles: pgqueue.task_stats has them, at a sort's cost.)
 with recent as (
     select j.state, j.started_at, j.finished_at, j.errors, true as finished
-    from pgqueue.jobs j
+    from pgqueue.finished_jobs j
     where j.state in ('succeeded', 'dead', 'cancelled')
       and j.finished_at >= now() - make_interval(secs => %(seconds)s) and j.finished_at is not null
     union all
     select j.state, j.started_at, j.finished_at, j.errors, false
-    from pgqueue.jobs j where j.state = 'queued' and j.attempt > 0
+    from pgqueue.active_jobs j where j.state = 'queued' and j.attempt > 0
     union all
     select j.state, j.started_at, j.finished_at, j.errors, false
-    from pgqueue.jobs j where j.state = 'running' and j.attempt > 1
+    from pgqueue.active_jobs j where j.state = 'running' and j.attempt > 1
 )
 select count(*) filter (where r.finished),
        count(*) filter (where r.finished and r.state = 'succeeded'),
@@ -128,7 +128,7 @@ from recent r
 -- name: dead_jobs
 -- The dead letter, newest first (the finished-jobs index, read backwards).
 select id, task, queue, attempt, finished_at, errors -> -1 ->> 'error' as last_error
-from pgqueue.jobs where state = 'dead' and finished_at is not null
+from pgqueue.finished_jobs where state = 'dead' and finished_at is not null
 order by finished_at desc, id desc
 limit %(limit)s
 
@@ -139,7 +139,7 @@ limit %(limit)s
 with batch as materialized (
     -- locked first, then redriven: a function in the locking query's own select list
     -- would update rows before they are locked, and the lock would then skip them
-    select id from pgqueue.jobs
+    select id from pgqueue.finished_jobs
     where state = 'dead' and id > %(after)s
     order by id
     limit %(limit)s
@@ -183,7 +183,7 @@ set queue = excluded.queue, priority = excluded.priority, max_attempts = exclude
 -- from the task as its workers registered it, then from the defaults. Also says whether
 -- any worker registered the name.
 with registered as (select * from pgqueue.tasks where name = %(task)s)
-insert into pgqueue.jobs (
+insert into pgqueue.active_jobs (
     task, args, queue, priority, run_at, max_attempts, timeout_seconds,
     backoff, backoff_base_seconds, backoff_max_seconds, backoff_jitter
 )
@@ -229,7 +229,7 @@ select status, count(*) from pgqueue.workers group by status
 select s.queue, s.jobs, s.oldest_age_seconds,
        (select count(*) from pgqueue.workers w
         where w.status = 'live' and s.queue = any(w.queues))
-       + (select count(distinct j.worker) from pgqueue.jobs j
+       + (select count(distinct j.worker) from pgqueue.active_jobs j
           where j.state = 'running' and j.queue = s.queue
             and not exists (select from pgqueue.worker_sessions w where w.worker = j.worker))
        as live_workers
@@ -239,7 +239,7 @@ order by s.queue
 
 -- name: health_dead_recent
 -- Jobs dead-lettered in the last %(seconds)s seconds (from the finished-jobs index).
-select count(*) from pgqueue.jobs
+select count(*) from pgqueue.finished_jobs
 where state = 'dead' and finished_at >= now() - make_interval(secs => %(seconds)s)
   and finished_at is not null
 
@@ -254,12 +254,23 @@ union
 select unnest(queues) from pgqueue.worker_sessions
 
 -- name: prune_jobs
--- One batch of pruning: finished jobs past their retention, at most %(limit)s per policy.
-select state, queue, jobs from pgqueue.prune_jobs(%(limit)s, %(dry_run)s)
+-- One batch of pruning: finished jobs past their retention, at most %(limit)s per policy;
+-- retention counted back from %(now)s (null: now), so a prune by hand that fixes it ends
+-- even while jobs finish faster than it removes them.
+select state, queue, jobs from pgqueue.prune_jobs(%(limit)s, %(dry_run)s, %(now)s)
 
 -- name: retention
 -- The retention policies: how long finished jobs are kept, per state and queue.
 select state, queue, keep::text from pgqueue.retention order by state, queue
+
+-- name: database_now
+-- The database's clock.
+select now()
+
+-- name: clear_retention
+-- Remove a queue's own retention for a state (its jobs follow the state's default again);
+-- true when there was one.
+select pgqueue.clear_retention(%(state)s, %(queue)s)
 
 -- name: set_retention
 -- Keep finished jobs of a state (and queue, or '*') for this long (NULL: forever).

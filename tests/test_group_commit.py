@@ -112,7 +112,7 @@ def test_outcomes_wait_only_for_a_flush_in_flight_and_each_flush_is_one_statemen
             first = gated.enqueue(None)
             wait_for_states(dsn, [first], ["running"])
             # hold its row: the flush that records it will wait on this lock
-            blocker.execute("select 1 from pgqueue.jobs where id = %s for update", (first,))
+            blocker.execute("select 1 from pgqueue.active_jobs where id = %s for update", (first,))
             first_may_finish.set()
             wait_for(
                 lambda: blocked_flushes(dsn) == 1, what="the first outcome's flush to reach the database"

@@ -151,7 +151,7 @@ def test_heartbeats_are_hot_updates(connection: psycopg.Connection[Any]) -> None
             rows = execute(
                 connection,
                 "select n_tup_upd, n_tup_hot_upd from pg_stat_user_tables"
-                " where schemaname = 'pgqueue' and relname = 'jobs'",
+                " where schemaname = 'pgqueue' and relname = 'active_jobs'",
             )
         return int(rows[0][0]), int(rows[0][1])
 
@@ -242,7 +242,7 @@ def test_pruning_goes_in_bounded_batches_and_skips_rows_another_transaction_hold
     finished(connection, "succeeded", "default", timedelta(days=2), 25)
     with psycopg.connect(dsn) as other:
         # another transaction holds the oldest of them (say, a redrive in progress)
-        held = execute(other, "select id from pgqueue.jobs order by id limit 1 for update")
+        held = execute(other, "select id from pgqueue.finished_jobs order by id limit 1 for update")
         execute(connection, "set lock_timeout = '2s'")  # would fail, not hang, on a wait
         assert prune(connection, limit=10) == {"succeeded/*": 10}
         assert prune(connection, limit=10) == {"succeeded/*": 10}

@@ -172,3 +172,88 @@ def test_a_migration_gives_up_on_a_lock_instead_of_stalling_the_queue(dsn: str) 
     with psycopg.connect(dsn) as migrator:
         assert migrate(migrator) == []  # the lock gone, it goes through
         assert migrator.execute("show lock_timeout").fetchone() == ("0",)
+
+
+def test_upgrading_moves_finished_jobs_out_of_the_hot_table_and_keeps_every_job(empty_dsn: str) -> None:
+    from pgqueue.migrate import _migration_plan
+    from pgqueue.plans import drive
+
+    with psycopg.connect(empty_dsn, autocommit=True) as connection:
+        # a database of the release before finished jobs moved out, with a job in each state
+        before = [migration for migration in migrations() if migration.version < 9]
+        with connection.transaction():
+            drive(connection, _migration_plan(before, 5.0))
+        rows = connection.execute(
+            "insert into pgqueue.jobs (task, queue, state, attempt, run_at, worker, lease_expires_at,"
+            " started_at, finished_at) values"
+            " ('ready', 'q', 'queued', 0, now() - interval '1 minute', null, null, null, null),"
+            " ('later', 'q', 'queued', 0, now() + interval '1 hour', null, null, null, null),"
+            " ('running', 'q', 'running', 1, now(), 'w', now() + interval '1 hour', now(), null),"
+            " ('done', 'q', 'succeeded', 1, now(), 'w', null, now(), now()),"
+            " ('dead', 'q', 'dead', 3, now(), 'w', null, now(), now()),"
+            " ('cancelled', 'q', 'cancelled', 0, now(), null, null, null, now())"
+            " returning task, id"
+        ).fetchall()
+        ids = {str(task): int(job_id) for task, job_id in rows}
+
+        assert migrate(connection) == [version for version in ALL if version >= 9]
+
+        def tasks_in(table: str) -> set[str]:
+            return {str(task) for (task,) in connection.execute(f"select task from pgqueue.{table}")}
+
+        assert tasks_in("active_jobs") == {"ready", "later", "running"}
+        assert tasks_in("finished_jobs") == {"done", "dead", "cancelled"}
+        # every job is where it was for a query of pgqueue.jobs, with its id and state
+        view = connection.execute("select task, id, state::text from pgqueue.jobs").fetchall()
+        assert {str(task): int(job_id) for task, job_id, _ in view} == ids
+        assert {str(task): str(state) for task, _, state in view}["dead"] == "dead"
+
+        # new jobs go on from the same ids; the claim, a success and a redrive work on the moved rows
+        (new_id,) = connection.execute("select pgqueue.enqueue('new', queue => 'q')").fetchone() or (0,)
+        assert int(new_id) > max(ids.values())
+        claimed = connection.execute(
+            "select task from pgqueue.claim_jobs('w2', array['q'], 10, 30)"
+        ).fetchall()
+        assert sorted(str(task) for (task,) in claimed) == ["new", "ready"]
+        completed = connection.execute(
+            "select id, state::text from pgqueue.complete_jobs('w', array[%s]::bigint[], array[1],"
+            " array['succeeded'], array['{}'::jsonb], array[null::jsonb], array[null::float8])",
+            (ids["running"],),
+        ).fetchall()
+        assert completed == [(ids["running"], "succeeded")]
+        assert "running" in tasks_in("finished_jobs")
+        assert connection.execute("select pgqueue.retry_job(%s)", (ids["dead"],)).fetchone() == (True,)
+        assert "dead" in tasks_in("active_jobs") and "dead" not in tasks_in("finished_jobs")
+
+
+def test_the_jobs_view_takes_the_writes_of_earlier_releases(dsn: str) -> None:
+    """Producers and operators of earlier releases write pgqueue.jobs: an insert (with its
+    defaults), a COPY, an update that changes a job's state and a delete all land in the
+    table the job's state belongs to."""
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        (job_id,) = connection.execute(
+            "insert into pgqueue.jobs (task, args) values ('old.producer', '{\"n\": 1}') returning id"
+        ).fetchone() or (0,)
+        row = connection.execute(
+            "select state::text, queue, max_attempts from pgqueue.active_jobs where id = %s", (job_id,)
+        ).fetchone()
+        assert row == ("queued", "default", 10)
+        with connection.cursor() as cursor:
+            with cursor.copy("copy pgqueue.jobs (task, queue) from stdin") as copy:
+                copy.write_row(("old.bulk", "bulk"))
+                copy.write_row(("old.bulk", "bulk"))
+        assert connection.execute(
+            "select count(*) from pgqueue.active_jobs where task = 'old.bulk'"
+        ).fetchone() == (2,)
+
+        connection.execute(
+            "update pgqueue.jobs set state = 'dead', finished_at = now() where id = %s", (job_id,)
+        )
+        assert connection.execute(
+            "select count(*) from pgqueue.active_jobs where id = %s", (job_id,)
+        ).fetchone() == (0,)
+        assert connection.execute(
+            "select state::text from pgqueue.finished_jobs where id = %s", (job_id,)
+        ).fetchone() == ("dead",)
+        connection.execute("delete from pgqueue.jobs where task in ('old.producer', 'old.bulk')")
+        assert connection.execute("select count(*) from pgqueue.jobs").fetchone() == (0,)

@@ -240,7 +240,7 @@ def dead_letter_jobs_122_and_123(dsn: str, new_app: Callable[..., App]) -> list[
     """Jobs 122 and 123 of `emails.send_welcome`, dead-lettered by a worker whose handler raises
     Fail("no user 5") and Fail("no user 6"): the README's examples act on job ids 123 and 124."""
     with psycopg.connect(dsn, autocommit=True) as connection:
-        connection.execute("alter table pgqueue.jobs alter column id restart with 122")
+        connection.execute("alter sequence pgqueue.jobs_id_seq restart with 122")
     app = new_app(poll_interval=0.1)
 
     @app.task(name="emails.send_welcome", queue="emails")

@@ -147,7 +147,7 @@ def test_claim_takes_a_lease_and_skips_locked_and_running_jobs(connection: psyco
     # a row locked by another transaction is skipped, not waited for
     enqueue(connection, run_at=T0)
     with psycopg.connect(connection.info.dsn) as other:
-        other.execute("select id from pgqueue.jobs where state = 'queued' for update")
+        other.execute("select id from pgqueue.active_jobs where state = 'queued' for update")
         assert claim(connection, T0, worker="c") == []
     assert len(claim(connection, T0, worker="c")) == 1
 
@@ -421,7 +421,7 @@ def test_heartbeat_never_waits_for_a_row_a_completion_is_writing(
     claim(connection, T0, worker="me", limit=2, lease=5)
     claim(connection, T0, worker="them", limit=1, lease=5)
     with psycopg.connect(dsn) as completion:  # holds the row lock a flush would hold
-        completion.execute("select 1 from pgqueue.jobs where id = %s for update", (busy,))
+        completion.execute("select 1 from pgqueue.active_jobs where id = %s for update", (busy,))
         connection.execute("set statement_timeout = '5s'")  # waiting would fail the test
         rows = connection.execute(
             "select id, attempt, extended from pgqueue.heartbeat_v2('me', %s, %s, 5, %s) order by id",

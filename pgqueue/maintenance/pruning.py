@@ -27,7 +27,7 @@ async def prune_finished(connection: WorkerConnection) -> int:
     """The leader's duty: prune up to ROUNDS batches; how many jobs were removed."""
     total = 0
     for _ in range(ROUNDS):
-        rows = await connection.fetch(query("prune_jobs"), {"limit": BATCH, "dry_run": False})
+        rows = await connection.fetch(query("prune_jobs"), {"limit": BATCH, "dry_run": False, "now": None})
         removed = sum(int(row[2]) for row in rows)
         total += removed
         if not any(int(row[2]) >= BATCH for row in rows):
@@ -40,10 +40,15 @@ async def prune_finished(connection: WorkerConnection) -> int:
 def prune_now(connection: psycopg.Connection[Any], dry_run: bool = False) -> list[tuple[str, str, int]]:
     """`pgqueue prune`: every batch until nothing is past its retention (autocommit: one
     transaction per batch); with `dry_run`, how many jobs would go, removing none.
-    Returns (state, queue policy, jobs) per policy that had any."""
+    Retention counts back from when it started, so it ends even while jobs finish
+    faster than it removes them. Returns (state, queue policy, jobs) per policy that had any."""
     totals: dict[tuple[str, str], int] = {}
+    row = connection.execute(query("database_now")).fetchone()
+    started = row[0] if row else None
     while True:
-        rows = connection.execute(query("prune_jobs"), {"limit": BATCH, "dry_run": dry_run}).fetchall()
+        rows = connection.execute(
+            query("prune_jobs"), {"limit": BATCH, "dry_run": dry_run, "now": started}
+        ).fetchall()
         for state, queue, jobs in rows:
             totals[str(state), str(queue)] = totals.get((str(state), str(queue)), 0) + int(jobs)
         if dry_run or not any(int(row[2]) >= BATCH for row in rows):
