@@ -145,7 +145,7 @@ class Bench:
         pay for the full-page images that the first change of each page after a
         checkpoint writes to the WAL (the fill creates the pages after the checkpoint).
         """
-        self.admin.execute("truncate pgqueue.jobs")
+        self.admin.execute("truncate pgqueue.active_jobs, pgqueue.finished_jobs")
         self.checkpoint()
 
     def checkpoint(self) -> None:
@@ -160,12 +160,12 @@ class Bench:
         vacuumed and analyzed explicitly, the same way before pgqueue and pgbench runs.
         """
         self.admin.execute(
-            "insert into pgqueue.jobs (task, args, queue, run_at)"
+            "insert into pgqueue.active_jobs (task, args, queue, run_at)"
             " select %s, jsonb_build_object('n', g), %s, now() - interval '1 second'"
             " from generate_series(1, %s) g",
             (bench.noop.name, queue, count),
         )
-        self.admin.execute("vacuum (analyze) pgqueue.jobs")
+        self.admin.execute("vacuum (analyze) pgqueue.active_jobs")
 
     def count(self, where: str) -> int:
         return int(one(self.admin.execute(f"select count(*) from pgqueue.jobs where {where}"))[0])
@@ -292,7 +292,12 @@ def drain_once(
     count = count or b.config.drain_jobs
     if reset:
         b.reset()
-    first_id = int(one(b.admin.execute("select coalesce(max(id), 0) from pgqueue.jobs"))[0])
+    # the last id handed out: every job of this drain has a larger one
+    first_id = int(
+        one(
+            b.admin.execute("select case when is_called then last_value else 0 end from pgqueue.jobs_id_seq")
+        )[0]
+    )
     b.fill(count)
     tag = f"drain{label}-{processes}x{concurrency}"
     spawned_at = time.time()
@@ -309,12 +314,12 @@ def drain_once(
     while True:
         if time.perf_counter() >= next_sample:
             next_sample = time.perf_counter() + 0.5
-            running = one(poll.execute("select count(*) from pgqueue.jobs where state = 'running'"))[0]
+            running = one(poll.execute("select count(*) from pgqueue.active_jobs where state = 'running'"))[0]
             peak_running = max(peak_running, int(running))
         left = one(
             poll.execute(
-                "select exists (select from pgqueue.jobs where state = 'queued' and run_at <= now())"
-                " or exists (select from pgqueue.jobs where state = 'running')"
+                "select exists (select from pgqueue.active_jobs where state = 'queued' and run_at <= now())"
+                " or exists (select from pgqueue.active_jobs where state = 'running')"
             )
         )[0]
         if not left:
@@ -348,7 +353,7 @@ def drain_once(
             " extract(epoch from max(finished_at))::float8,"
             " extract(epoch from max(finished_at) - min(started_at))::float8,"
             " count(distinct worker)"
-            " from pgqueue.jobs where id > %s",
+            " from pgqueue.finished_jobs where id > %s",
             (first_id,),
         )
     )

@@ -63,7 +63,7 @@ from pgqueue.sql import query as pgqueue_query  # noqa: E402
 # `noop.enqueue(conn, n=...)` (default options): one INSERT per transaction.
 PGBENCH_INSERT = """\
 \\set n random(1, 1000000000)
-insert into pgqueue.jobs (
+insert into pgqueue.active_jobs (
     task, args, queue, priority, run_at, max_attempts, timeout_seconds,
     backoff, backoff_base_seconds, backoff_max_seconds, backoff_jitter
 ) values (
@@ -169,8 +169,9 @@ def bench_bulk_enqueue(b: Bench) -> None:
         with (
             connection.transaction(),
             connection.cursor().copy(
-                "copy pgqueue.jobs (task, args, queue, priority, run_at, max_attempts, timeout_seconds,"
-                " backoff, backoff_base_seconds, backoff_max_seconds, backoff_jitter) from stdin"
+                "copy pgqueue.active_jobs (task, args, queue, priority, run_at, max_attempts,"
+                " timeout_seconds, backoff, backoff_base_seconds, backoff_max_seconds, backoff_jitter)"
+                " from stdin"
             ) as copy,
         ):
             for row in rows:
@@ -213,13 +214,13 @@ def bench_drain(b: Bench) -> None:
 # Claimed rows are marked with the client id, so the complete needs no id list.
 _CLAIM = """\
 with claimable as (
-    select id from pgqueue.jobs
+    select id from pgqueue.active_jobs
     where state = 'queued' and queue = 'bench' and run_at <= now()
     order by priority desc, run_at, id
     limit {limit}
     for update skip locked
 )
-update pgqueue.jobs j
+update pgqueue.active_jobs j
 set state = 'running', attempt = j.attempt + 1, worker = 'pgbench-' || :client_id::text,
     started_at = now(), lease_expires_at = now() + interval '30 seconds'
 from claimable c
@@ -227,10 +228,18 @@ where j.id = c.id
 returning j.id, j.task, j.args, j.queue, j.priority, j.attempt, j.max_attempts,
           j.timeout_seconds, j.run_at, j.created_at;
 """
+# A success moves the job from the hot table to the history, as pgqueue's does (0009).
 _COMPLETE = """\
-update pgqueue.jobs
-set state = 'succeeded', finished_at = now(), result = 'null'::jsonb, lease_expires_at = null
-where state = 'running' and worker = 'pgbench-' || :client_id::text;
+with done as (
+    delete from pgqueue.active_jobs
+    where state = 'running' and worker = 'pgbench-' || :client_id::text
+    returning *
+)
+insert into pgqueue.finished_jobs
+select id, queue, task, args, priority, 'succeeded', attempt, max_attempts, run_at, timeout_seconds,
+       backoff, backoff_base_seconds, backoff_max_seconds, backoff_jitter, worker, null, created_at,
+       started_at, now(), 'null'::jsonb, errors, history
+from done;
 """
 CEILINGS: dict[str, tuple[str, int, str]] = {
     "claim1": ("begin;\n" + _CLAIM.format(limit=1) + _COMPLETE + "commit;\n", 1, "claim 1 + complete, 1 tx"),

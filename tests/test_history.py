@@ -77,7 +77,7 @@ def test_a_due_job_beneath_many_levels_of_later_jobs_is_claimed(
     # own (which cost 20-30 ms of planning for 100 such levels; see benchmarks/README.md)
     execute(
         connection,
-        "insert into pgqueue.jobs (task, queue, priority, run_at)"
+        "insert into pgqueue.active_jobs (task, queue, priority, run_at)"
         " select 't', 'work', n, %s + interval '1 day' from generate_series(1, 200) n",
         (NOW,),
     )
@@ -107,22 +107,22 @@ def schedule_later(connection: psycopg.Connection[Any], count: int, offset: int)
     front of every due job."""
     execute(
         connection,
-        "insert into pgqueue.jobs (task, queue, priority, run_at)"
+        "insert into pgqueue.active_jobs (task, queue, priority, run_at)"
         " select 't', 'work', 10 + n %% 3, %s + n * interval '1 second'"
         " from generate_series(%s::integer, %s::integer) n",
         (NOW, offset + 1, offset + count),
     )
-    execute(connection, "vacuum analyze pgqueue.jobs")
+    execute(connection, "vacuum analyze pgqueue.active_jobs")
 
 
 def test_jobs_scheduled_for_later_do_not_make_a_claim_read_more(connection: psycopg.Connection[Any]) -> None:
     execute(
         connection,
-        "insert into pgqueue.jobs (task, queue, priority, run_at)"
+        "insert into pgqueue.active_jobs (task, queue, priority, run_at)"
         " select 't', 'work', 0, %s - n * interval '1 second' from generate_series(1, 1000) n",
         (NOW,),
     )
-    execute(connection, "vacuum analyze pgqueue.jobs")
+    execute(connection, "vacuum analyze pgqueue.active_jobs")
     no_future = claim_buffers(connection)
     schedule_later(connection, 20_000, 0)
     some_future = claim_buffers(connection)
@@ -140,7 +140,7 @@ def test_jobs_scheduled_for_later_do_not_make_a_claim_read_more(connection: psyc
 
 def test_heartbeats_are_hot_updates(connection: psycopg.Connection[Any]) -> None:
     execute(connection, "select pgqueue.enqueue('t') from generate_series(1, 200)")
-    execute(connection, "vacuum analyze pgqueue.jobs")  # pages as a worker's claim finds them
+    execute(connection, "vacuum analyze pgqueue.active_jobs")  # pages as a worker's claim finds them
     held = execute(connection, "select id, attempt from pgqueue.claim_jobs('w1', array['default'], 200, 30)")
     ids, attempts = [int(row[0]) for row in held], [int(row[1]) for row in held]
 
@@ -186,7 +186,7 @@ def finished(
     """`count` jobs that reached `state` `age` before `now`."""
     execute(
         connection,
-        "insert into pgqueue.jobs (task, queue, state, attempt, started_at, finished_at)"
+        "insert into pgqueue.finished_jobs (task, queue, state, attempt, started_at, finished_at)"
         " select 't', %s, %s::pgqueue.job_state, 1, %s, %s from generate_series(1, %s)",
         (queue, state, now - age, now - age, count),
     )
@@ -303,7 +303,7 @@ def test_the_maintenance_leader_prunes_while_a_worker_runs(dsn: str, sample: Any
     with psycopg.connect(dsn, autocommit=True) as connection:
         execute(
             connection,
-            "insert into pgqueue.jobs (task, queue, state, attempt, started_at, finished_at)"
+            "insert into pgqueue.finished_jobs (task, queue, state, attempt, started_at, finished_at)"
             " select 'old', 'default', 'succeeded', 1, now() - interval '3 days', now() - interval '3 days'"
             " from generate_series(1, 3000)",
         )

@@ -238,10 +238,9 @@ def test_the_jobs_view_takes_the_writes_of_earlier_releases(dsn: str) -> None:
             "select state::text, queue, max_attempts from pgqueue.active_jobs where id = %s", (job_id,)
         ).fetchone()
         assert row == ("queued", "default", 10)
-        with connection.cursor() as cursor:
-            with cursor.copy("copy pgqueue.jobs (task, queue) from stdin") as copy:
-                copy.write_row(("old.bulk", "bulk"))
-                copy.write_row(("old.bulk", "bulk"))
+        with connection.cursor() as cursor, cursor.copy("copy pgqueue.jobs (task, queue) from stdin") as copy:
+            copy.write_row(("old.bulk", "bulk"))
+            copy.write_row(("old.bulk", "bulk"))
         assert connection.execute(
             "select count(*) from pgqueue.active_jobs where task = 'old.bulk'"
         ).fetchone() == (2,)

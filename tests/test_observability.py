@@ -369,13 +369,13 @@ def readme_questions() -> list[str]:
 def test_watching_reads_indexes_not_a_million_finished_jobs(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as connection:
         connection.execute(
-            "insert into pgqueue.jobs (task, queue, state, attempt, run_at, started_at, finished_at)"
+            "insert into pgqueue.finished_jobs (task, queue, state, attempt, run_at, started_at, finished_at)"
             " select 'old', 'default', 'succeeded', 1, t, t, t + interval '1 second'"
             " from generate_series(1, 1000000) as n,"
             " lateral (select now() - interval '30 days' + n * interval '1 second') as s(t)"
         )
         connection.execute("select pgqueue.enqueue('t') from generate_series(1, 100)")
-        connection.execute("vacuum analyze pgqueue.jobs")
+        connection.execute("vacuum analyze pgqueue.active_jobs, pgqueue.finished_jobs")
         questions = [
             "select * from pgqueue.queue_stats",
             "select * from pgqueue.task_stats",
