@@ -251,7 +251,7 @@ def test_pruning_goes_in_bounded_batches_and_skips_rows_another_transaction_hold
     assert execute(connection, "select id from pgqueue.jobs") == held
 
 
-def test_a_prune_in_progress_never_makes_a_claim_or_an_enqueue_wait(
+def test_a_prune_in_progress_never_makes_a_claim_an_enqueue_or_a_completion_wait(
     dsn: str, connection: psycopg.Connection[Any]
 ) -> None:
     finished(connection, "succeeded", "default", timedelta(days=2), 5000)
@@ -261,11 +261,56 @@ def test_a_prune_in_progress_never_makes_a_claim_or_an_enqueue_wait(
         assert prune(pruner, limit=5000) == {"succeeded/*": 5000}
         with psycopg.connect(dsn, autocommit=True) as busy:
             execute(busy, "set lock_timeout = '2s'")  # a wait would fail the test, not hang it
-            claimed = execute(busy, "select id from pgqueue.claim_jobs('w1', array['default'], 10, 30)")
+            claimed = execute(
+                busy, "select id, attempt from pgqueue.claim_jobs('w1', array['default'], 10, 30)"
+            )
             assert len(claimed) == 10
             assert execute(busy, "select pgqueue.enqueue('t')")
+            # the successes go to the history table the prune is deleting from
+            completed = execute(
+                busy,
+                "select state::text from pgqueue.complete_jobs('w1', %s, %s,"
+                " array_fill('succeeded'::text, array[10]), array_fill('null'::jsonb, array[10]),"
+                " array_fill(null::jsonb, array[10]), array_fill(null::float8, array[10]))",
+                ([row[0] for row in claimed], [row[1] for row in claimed]),
+            )
+            assert completed == [("succeeded",)] * 10
         pruner.commit()
-    assert remaining(connection) == {("running", "default"): 10, ("queued", "default"): 1}
+    assert remaining(connection) == {("succeeded", "default"): 10, ("queued", "default"): 1}
+
+
+def test_a_prune_by_hand_ends_while_jobs_finish_faster_than_it_removes_them(
+    dsn: str, connection: psycopg.Connection[Any]
+) -> None:
+    from pgqueue.maintenance.pruning import BATCH, prune_now
+    from pgqueue.sql import query
+
+    execute(connection, "select pgqueue.set_retention('succeeded', interval '0')")
+    finished(connection, "succeeded", "default", timedelta(hours=1), 2 * BATCH + 500, now=datetime.now(UTC))
+
+    class FinishingFast:
+        """The connection `pgqueue prune` uses, on which more jobs than a batch finish
+        before each of its batches."""
+
+        def __init__(self, pruning: psycopg.Connection[Any]) -> None:
+            self.pruning, self.batches = pruning, 0
+
+        def execute(self, statement: str, params: Any = None) -> Any:
+            if statement == query("prune_jobs"):
+                self.batches += 1
+                assert self.batches < 50, "pgqueue prune is still going after 50 batches"
+                execute(
+                    connection,
+                    "insert into pgqueue.finished_jobs (task, state, attempt, finished_at)"
+                    " select 't', 'succeeded', 1, now() from generate_series(1, %s)",
+                    (BATCH + 500,),
+                )
+            return self.pruning.execute(statement, params)
+
+    with psycopg.connect(dsn, autocommit=True) as pruning:
+        removed = prune_now(FinishingFast(pruning))  # type: ignore[arg-type]
+    # what had finished when it started, and nothing that finished after
+    assert removed == [("succeeded", "*", 2 * BATCH + 500)]
 
 
 def test_the_retention_and_prune_commands(dsn: str, connection: psycopg.Connection[Any]) -> None:
@@ -291,6 +336,14 @@ def test_the_retention_and_prune_commands(dsn: str, connection: psycopg.Connecti
     assert pgqueue("retention", "cancelled", "2 days").returncode == 0
     assert pgqueue("prune").stdout.strip() == "removed 7 cancelled job(s) (every queue)"
     assert remaining(connection) == {}
+    # a queue's own retention, and back to the state's default
+    own = pgqueue("retention", "succeeded", "30 days", "--queue", "audit")
+    assert own.returncode == 0 and "succeeded  audit                30 days" in own.stdout
+    back = pgqueue("retention", "succeeded", "default", "--queue", "audit")
+    assert back.returncode == 0 and "audit" not in back.stdout
+    again = pgqueue("retention", "succeeded", "default", "--queue", "audit")
+    assert "queue audit had no retention of its own for succeeded jobs" in again.stdout
+    assert pgqueue("retention", "succeeded", "default").returncode == 2  # '*' has no default to go back to
     bad = pgqueue("retention", "succeeded", "a while")
     assert bad.returncode == 2 and "cannot keep 'a while'" in bad.stderr
     assert pgqueue("retention", "succeeded").returncode == 2  # a state needs its time
