@@ -192,6 +192,8 @@ def measure_hot_path(b: Bench, label: str) -> dict[str, Any]:
 def bench_history(b: Bench) -> None:
     finished = 10_000_000 if b.config.name == "full" else 100_000
     scheduled = 100_000 if b.config.name == "full" else 10_000
+    # history kept, not pruned, while it is measured (pruning under load is phase 7's)
+    b.admin.execute("update pgqueue.retention set keep = null")
     b.reset()
     with like_autovacuum(b):  # both sides alike: as a production server would vacuum
         empty = measure_hot_path(b, "empty")
@@ -200,6 +202,11 @@ def bench_history(b: Bench) -> None:
     log(f"history: {finished:,} finished and {scheduled:,} scheduled jobs built in {built:.0f}s")
     with like_autovacuum(b):
         full = measure_hot_path(b, "history")
+    b.admin.execute("delete from pgqueue.retention")
+    b.admin.execute(
+        "insert into pgqueue.retention (state, queue, keep) values ('succeeded', '*', '1 day'),"
+        " ('dead', '*', '14 days'), ('cancelled', '*', '1 day')"
+    )
     b.results["history"] = {"finished": finished, "scheduled": scheduled, "empty": empty, "history": full}
 
 
