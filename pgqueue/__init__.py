@@ -13,6 +13,7 @@ from .errors import (
     SchemaError,
     SchemaNotMigratedError,
     SchemaTooNewError,
+    UnknownQueueError,
     UnknownTaskError,
 )
 from .hooks import (
@@ -29,6 +30,7 @@ from .hooks import (
 from .migrate import check_schema, check_schema_async, migrate, migrate_async
 from .models import Job, JobOptions, JobState, Priority, RetryPolicy
 from .outcomes import Fail, Retry
+from .queues import QueueControl, QueueControls
 from .settings import Settings
 from .tasks import Task
 from .worker import Worker
@@ -55,6 +57,8 @@ __all__ = [
     "OutcomesFlushed",
     "PgQueueError",
     "Priority",
+    "QueueControl",
+    "QueueControls",
     "Retry",
     "RetryPolicy",
     "SchemaError",
@@ -62,6 +66,7 @@ __all__ = [
     "SchemaTooNewError",
     "Settings",
     "Task",
+    "UnknownQueueError",
     "UnknownTaskError",
     "Worker",
     "WorkerStarted",

@@ -21,6 +21,7 @@ from .hooks import Hooks
 from .migrate import migrate, migrate_async, schema_required
 from .models import Job, JobOptions, RetryPolicy, validate_options, validate_task_name
 from .plans import Plan, drive, drive_async
+from .queues import QueueControls
 from .settings import Settings
 from .sql import query
 from .tasks import Executor, Task
@@ -129,6 +130,11 @@ class App:
             return created
 
         return register(function) if function is not None else register
+
+    @property
+    def controls(self) -> QueueControls:
+        """Pause, resume and limit queues for every worker (see pgqueue.queues)."""
+        return QueueControls(self)
 
     def queues(self) -> list[str]:
         """The queues this app's tasks enqueue to by default."""

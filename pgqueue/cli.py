@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 from pydantic import ValidationError
 
-from . import logs, monitoring, upkeep
+from . import logs, monitoring, queues, upkeep
 from .app import App
 from .database import redact
 from .errors import ConfigurationError, PgQueueError
@@ -143,6 +143,7 @@ def _parser() -> argparse.ArgumentParser:
 
     monitoring.add_commands(commands, _settings, _port)
     upkeep.add_commands(commands, _settings)
+    queues.add_commands(commands, _settings)
 
     for name, text in (("cancel", "cancel a queued job"), ("retry", "requeue a dead or cancelled job")):
         command = commands.add_parser(name, help=text)

@@ -45,3 +45,7 @@ class MigrationChecksumError(SchemaError):
 
 class JobNotFoundError(PgQueueError, LookupError):
     """No job has that id."""
+
+
+class UnknownQueueError(PgQueueError, LookupError):
+    """No job, registered task or live worker has a queue of that name."""

@@ -275,3 +275,21 @@ select pgqueue.clear_retention(%(state)s, %(queue)s)
 -- name: set_retention
 -- Keep finished jobs of a state (and queue, or '*') for this long (NULL: forever).
 select pgqueue.set_retention(%(state)s, %(keep)s::interval, %(queue)s)
+
+-- name: pause_queue
+-- Stop every worker claiming the queue's jobs.
+select pgqueue.pause_queue(%(queue)s)
+
+-- name: resume_queue
+-- Let workers claim the queue's jobs again (and wake the idle ones).
+select pgqueue.resume_queue(%(queue)s)
+
+-- name: limit_queue
+-- Set (NULL: lift) a queue's limits across all workers: running jobs, starts per second.
+select pgqueue.limit_queue(%(queue)s, %(max_running)s::integer, %(rate_per_second)s::double precision,
+                           %(burst)s::integer)
+
+-- name: queue_controls
+-- The queues with controls, and their running jobs.
+select queue, paused, max_running, rate_per_second, burst, running
+from pgqueue.queue_controls order by queue

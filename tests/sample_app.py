@@ -108,3 +108,14 @@ def cpu_sleep(seconds: float) -> str:
     """Holds a process-pool child for `seconds`."""
     time.sleep(seconds)
     return "slept"
+
+
+@app.task(name="timed", queue="limited")
+async def timed(seconds: float) -> None:
+    """Writes `begin ID TIME` and `end ID TIME` (wall clock) to $PGQUEUE_TEST_LOG around a sleep."""
+    path = Path(os.environ["PGQUEUE_TEST_LOG"])
+    with path.open("a") as log:
+        log.write(f"begin {current_job().id} {time.time()}\n")
+    await asyncio.sleep(seconds)
+    with path.open("a") as log:
+        log.write(f"end {current_job().id} {time.time()}\n")
