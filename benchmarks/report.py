@@ -114,6 +114,22 @@ def table(b: Bench) -> str:
         )
     elif "metrics_overhead" in error:
         rows.append(("metrics overhead", "ERROR", "", "", ""))
+    limits = r.get("limits")
+    if limits:
+        plain = limits["none"]["median"]
+        for name, text in (("max_running", "a global limit of 400 running"), ("rate", "a rate limit")):
+            share = limits[name]["median"] / plain
+            rows.append(
+                (
+                    f"drain 2 proc c=200, {text} (never reached)",
+                    rate(limits[name]["median"]),
+                    f"{rate(plain)} (no controls)",
+                    f"{share:.0%}",
+                    f">= 80%: {'ok' if share >= 0.8 else 'MISSED'}",
+                )
+            )
+    elif "limits" in error:
+        rows.append(("queue limits", "ERROR", "", "", ""))
     scrape = r.get("exporter_scrape")
     if scrape:
         rows.append(
