@@ -141,113 +141,12 @@ language sql stable as $$
                group by j.queue) t on t.queue = g.name
 $$;
 
--- The claim of queues with controls: paused ones are left out; the rows of limited ones
--- are locked (in name order, so two claims never deadlock), so their claims take turns
--- and each sees what the one before it took; each queue's cap is what its running limit
--- and its tokens allow, and a claim takes jobs in priority order up to the caps.
-create function pgqueue.claim_controlled_jobs(
-    p_worker text,
-    p_queues text[],
-    p_limit integer,
-    p_lease_seconds double precision,
-    p_now timestamptz
-) returns table (
-    id bigint, task text, args jsonb, queue text, priority smallint, attempt integer,
-    max_attempts integer, timeout_seconds double precision, run_at timestamptz, created_at timestamptz
-)
-language plpgsql volatile as $$
-#variable_conflict use_column
-declare
-    v_left integer := p_limit;
-    v_queues text[];
-    v_caps integer[];
-    v_granted integer[];
-    v_level smallint;
-    v_claimed integer;
-begin
-    perform 1 from pgqueue.queues c
-    where c.name = any(p_queues) and not c.paused
-      and (c.max_running is not null or c.rate_per_second is not null)
-    order by c.name
-    for update;
-    select array_agg(s.name order by s.n), array_agg(s.cap order by s.n) into v_queues, v_caps
-    from (
-        select u.name, u.n, least(
-                p_limit,
-                coalesce(c.max_running - (select count(*) from pgqueue.active_jobs j
-                                          where j.state = 'running' and j.queue = u.name)::integer, p_limit),
-                coalesce(case when c.rate_per_second is not null
-                              then floor(pgqueue.queue_tokens(c, p_now))::integer end, p_limit)) as cap
-        from unnest(p_queues) with ordinality as u(name, n)
-        left join pgqueue.queues c on c.name = u.name
-        where c.name is null or not c.paused
-    ) s
-    where s.cap > 0;
-    if v_queues is null then
-        return;
-    end if;
-    v_granted := v_caps;
-    for v_level in
-        with recursive levels(queue, priority, due) as (
-            select q.name, first.priority, first.run_at
-            from unnest(v_queues) as q(name)
-            cross join lateral (select j.priority, j.run_at from pgqueue.active_jobs j
-                                where j.state = 'queued' and j.queue = q.name
-                                order by j.priority desc, j.run_at limit 1) as first
-            union all
-            select l.queue, next.priority, next.run_at
-            from levels l
-            cross join lateral (select j.priority, j.run_at from pgqueue.active_jobs j
-                                where j.state = 'queued' and j.queue = l.queue and j.priority < l.priority
-                                order by j.priority desc, j.run_at limit 1) as next
-        )
-        select distinct l.priority from levels l where l.due <= p_now order by 1 desc
-    loop
-        return query
-        with candidates as (
-            select c.id, c.run_at
-            from unnest(v_queues, v_caps) as q(name, cap)
-            cross join lateral (
-                select j.id, j.run_at from pgqueue.active_jobs j
-                where j.state = 'queued' and j.queue = q.name and j.priority = v_level
-                  and j.run_at <= p_now
-                order by j.run_at, j.id
-                limit least(v_left, q.cap)
-                for update skip locked
-            ) c
-            where q.cap > 0
-        ),
-        claimable as (
-            select c.id from candidates c order by c.run_at, c.id limit v_left
-        )
-        update pgqueue.active_jobs j
-        set state = 'running', attempt = j.attempt + 1, worker = p_worker,
-            started_at = p_now, lease_expires_at = p_now + make_interval(secs => p_lease_seconds)
-        from claimable c
-        where j.id = c.id
-        returning j.id, j.task, j.args, j.queue, j.priority, j.attempt, j.max_attempts,
-            j.timeout_seconds, j.run_at, j.created_at;
-        get diagnostics v_claimed = row_count;
-        v_left := v_left - v_claimed;
-        exit when v_left <= 0;
-        if v_claimed > 0 then
-            v_caps := pgqueue.caps_left(p_worker, p_now, v_queues, v_granted);
-        end if;
-    end loop;
-    -- rate-limited queues spend a token per job started (a claim that waited for the lock
-    -- may be older than the one before it: time never runs back)
-    if exists (select from pgqueue.queues c where c.name = any(v_queues) and c.rate_per_second is not null) then
-        v_caps := pgqueue.caps_left(p_worker, p_now, v_queues, v_granted);
-        update pgqueue.queues c
-        set tokens = pgqueue.queue_tokens(c, p_now) - (s.granted - s.left_over),
-            refilled_at = greatest(c.refilled_at, p_now)
-        from unnest(v_queues, v_granted, v_caps) as s(name, granted, left_over)
-        where c.name = s.name and c.rate_per_second is not null;
-    end if;
-end
-$$;
-
--- 0009's claim, which hands the queues with controls to the claim above.
+-- The claim, 0009's with queue controls. A queue without controls has no row in
+-- pgqueue.queues, and its claim is 0009's (one probe of that table more). Otherwise
+-- paused queues are left out; the rows of limited ones are locked (in name order, so two
+-- claims never deadlock), so their claims take turns and each sees what the one before
+-- it took; each queue's cap is what its running limit and its tokens allow, and the
+-- claim takes jobs in priority order up to the caps.
 create or replace function pgqueue.claim_jobs(
     p_worker text,
     p_queues text[],
@@ -263,18 +162,48 @@ language plpgsql volatile as $$
 declare
     v_now timestamptz := coalesce(p_now, now());
     v_left integer := p_limit;
+    v_controlled boolean;
+    v_queues text[];
+    v_caps integer[];
+    v_granted integer[];
     v_level smallint;
     v_claimed integer;
 begin
-    p_queues := array(select distinct q from unnest(p_queues) as q);
-    if exists (select from pgqueue.queues c where c.name = any(p_queues)) then
-        return query select * from pgqueue.claim_controlled_jobs(p_worker, p_queues, p_limit, p_lease_seconds, v_now);
-        return;
+    v_queues := array(select distinct q from unnest(p_queues) as q);
+    v_controlled := exists (select from pgqueue.queues c where c.name = any(v_queues));
+    if v_controlled then
+        perform 1 from pgqueue.queues c
+        where c.name = any(v_queues) and not c.paused
+          and (c.max_running is not null or c.rate_per_second is not null)
+        order by c.name
+        for update;
+        select array_agg(s.name order by s.n), array_agg(s.cap order by s.n) into v_queues, v_caps
+        from (
+            select u.name, u.n, least(
+                    p_limit,
+                    coalesce(c.max_running - (select count(*) from pgqueue.active_jobs j
+                                              where j.state = 'running' and j.queue = u.name)::integer,
+                             p_limit),
+                    coalesce(case when c.rate_per_second is not null
+                                  then floor(pgqueue.queue_tokens(c, v_now))::integer end, p_limit)) as cap
+            from unnest(v_queues) with ordinality as u(name, n)
+            left join pgqueue.queues c on c.name = u.name
+            where c.name is null or not c.paused
+        ) s
+        where s.cap > 0;
+        if v_queues is null then
+            return;
+        end if;
+    else
+        v_caps := array_fill(p_limit, array[cardinality(v_queues)]);
     end if;
+    v_granted := v_caps;
     for v_level in
+        -- each probe reads the first entry of a level: its priority and its earliest due
+        -- time; only levels with a job due now are claimed from (0008)
         with recursive levels(queue, priority, due) as (
             select q.name, first.priority, first.run_at
-            from unnest(p_queues) as q(name)
+            from unnest(v_queues) as q(name)
             cross join lateral (select j.priority, j.run_at from pgqueue.active_jobs j
                                 where j.state = 'queued' and j.queue = q.name
                                 order by j.priority desc, j.run_at limit 1) as first
@@ -290,15 +219,16 @@ begin
         return query
         with candidates as (
             select c.id, c.run_at
-            from unnest(p_queues) as q(name)
+            from unnest(v_queues, v_caps) as q(name, cap)
             cross join lateral (
                 select j.id, j.run_at from pgqueue.active_jobs j
                 where j.state = 'queued' and j.queue = q.name and j.priority = v_level
                   and j.run_at <= v_now
                 order by j.run_at, j.id
-                limit v_left
+                limit least(v_left, q.cap)
                 for update skip locked
             ) c
+            where q.cap > 0
         ),
         claimable as (
             select c.id from candidates c order by c.run_at, c.id limit v_left
@@ -313,6 +243,20 @@ begin
         get diagnostics v_claimed = row_count;
         v_left := v_left - v_claimed;
         exit when v_left <= 0;
+        if v_controlled and v_claimed > 0 then
+            v_caps := pgqueue.caps_left(p_worker, v_now, v_queues, v_granted);
+        end if;
     end loop;
+    -- rate-limited queues spend a token per job started (a claim that waited for the lock
+    -- may be older than the one before it: time never runs back)
+    if v_controlled and exists (select from pgqueue.queues c
+                                where c.name = any(v_queues) and c.rate_per_second is not null) then
+        v_caps := pgqueue.caps_left(p_worker, v_now, v_queues, v_granted);
+        update pgqueue.queues c
+        set tokens = pgqueue.queue_tokens(c, v_now) - (s.granted - s.left_over),
+            refilled_at = greatest(c.refilled_at, v_now)
+        from unnest(v_queues, v_granted, v_caps) as s(name, granted, left_over)
+        where c.name = s.name and c.rate_per_second is not null;
+    end if;
 end
 $$;
