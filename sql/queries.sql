@@ -223,7 +223,7 @@ select queue, state, jobs, oldest_age_seconds from pgqueue.queue_stats
 select status, count(*) from pgqueue.workers group by status
 
 -- name: health_queues
--- Per queue with jobs waiting: ready jobs, the oldest one's age, and how many live
+-- Per queue with jobs waiting (and not paused): ready jobs, the oldest one's age, and how many live
 -- workers serve the queue: those that say so, and those that run its jobs without
 -- saying (workers of a pgqueue older than worker presence, during a rolling upgrade).
 select s.queue, s.jobs, s.oldest_age_seconds,
@@ -235,6 +235,8 @@ select s.queue, s.jobs, s.oldest_age_seconds,
        as live_workers
 from pgqueue.queue_stats s
 where s.state = 'ready'
+  -- a paused queue's jobs wait on purpose
+  and not exists (select from pgqueue.queues c where c.name = s.queue and c.paused)
 order by s.queue
 
 -- name: health_dead_recent

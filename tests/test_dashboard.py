@@ -496,7 +496,9 @@ def assert_panel_figures(prometheus: Prometheus) -> None:
     }
 
     (depth,) = panels["Queue depth by queue and state"]
-    by_state = {labels["state"]: value for labels, value in prometheus.series(depth)}
+    by_state: dict[str, float] = {}
+    for labels, value in prometheus.series(depth):  # a series per queue and state: the sample app has several
+        by_state[labels["state"]] = by_state.get(labels["state"], 0) + value
     assert by_state == {"ready": 0, "scheduled": SCHEDULED, "running": 0, "dead": WAVES}
 
     for expression in panels["Run time p50 / p95 / p99 by task"]:

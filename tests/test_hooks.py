@@ -108,8 +108,10 @@ def test_one_maintenance_leader_among_workers_and_a_successor_when_it_stops(
     first.hooks.add(JobRescued, rescued_by_first.append)
     second.hooks.add(JobRescued, rescued_by_second.append)
     with running_worker(second) as two:
+        # it leads before the other starts (a worker elects itself in its first maintenance
+        # round, after it has started: started together, either may win)
+        wait_for(lambda: leaders() == [("maintenance", two.worker_id)], what="the first worker to lead")
         with running_worker(first) as one:
-            wait_for(lambda: leaders() == [("maintenance", two.worker_id)], what="the first worker to lead")
             # the other keeps asking every 0.2 s, and is refused while the leader lives
             with psycopg.connect(dsn, autocommit=True) as connection:  # a dead worker's job
                 connection.execute("select pgqueue.enqueue('orphan', max_attempts => 1)")

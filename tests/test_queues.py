@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from pgqueue import App, ConfigurationError, JobsClaimed, UnknownQueueError
+from pgqueue.health import check_health
 from pgqueue.testing import running_worker, wait_for_states
 from tests import sample_app
 from tests.conftest import pgqueue_command, subprocess_environment
@@ -107,6 +108,16 @@ def test_pausing_a_queue_stops_claims_until_it_is_resumed_and_resuming_wakes_the
         app.controls.resume("mail")
         wait_for_states(dsn, [first, *paused], ["succeeded"], timeout=10)
     assert app.controls.all() == []  # resumed and unlimited: no controls left
+
+
+def test_a_paused_queue_waits_without_making_the_queue_unhealthy(
+    new_app: Callable[..., App], dsn: str
+) -> None:
+    app = new_app()
+    app.enqueue(None, "reports.build", {}, queue="reports")
+    assert any("'reports'" in reason for reason in check_health(dsn).reasons)  # nobody serves it
+    app.controls.pause("reports")
+    assert not any("'reports'" in reason for reason in check_health(dsn).reasons)
 
 
 def test_queue_controls_refuse_unknown_queues_and_impossible_limits(
