@@ -28,7 +28,7 @@ from .hooks import (
     WorkerStopped,
 )
 from .migrate import check_schema, check_schema_async, migrate, migrate_async
-from .models import Job, JobOptions, JobState, Priority, RetryPolicy
+from .models import Job, JobId, JobOptions, JobState, Priority, RetryPolicy
 from .outcomes import Fail, Retry
 from .queues import QueueControl, QueueControls
 from .settings import Settings
@@ -46,6 +46,7 @@ __all__ = [
     "Job",
     "JobContext",
     "JobFinished",
+    "JobId",
     "JobNotFoundError",
     "JobOptions",
     "JobRescued",

@@ -19,7 +19,7 @@ from .database import redact, resolve_dsn
 from .errors import ConfigurationError, DatabaseUnavailableError, JobNotFoundError, UnknownTaskError
 from .hooks import Hooks
 from .migrate import migrate, migrate_async, schema_required
-from .models import Job, JobOptions, RetryPolicy, validate_options, validate_task_name
+from .models import Job, JobId, JobOptions, RetryPolicy, validate_options, validate_task_name
 from .plans import Plan, drive, drive_async
 from .queues import QueueControls
 from .settings import Settings
@@ -157,7 +157,7 @@ class App:
 
     def enqueue(
         self, connection: Connection | None, task: str, args: dict[str, Any] | None = None, **options: Any
-    ) -> int:
+    ) -> JobId:
         """Enqueue a job by task name; `connection=None` uses the app's own pool."""
         job = self.prepare(task, args, **options)
         return self.insert(connection, job)
@@ -168,16 +168,16 @@ class App:
         task: str,
         args: dict[str, Any] | None = None,
         **options: Any,
-    ) -> int:
+    ) -> JobId:
         """The async twin of `enqueue`."""
         job = self.prepare(task, args, **options)
         return await self.insert_async(connection, job)
 
-    def insert(self, connection: Connection | None, job: producer.PreparedJob) -> int:
+    def insert(self, connection: Connection | None, job: producer.PreparedJob) -> JobId:
         with self._using(connection) as conn:
             return producer.insert(conn, job)
 
-    async def insert_async(self, connection: AsyncConnection | None, job: producer.PreparedJob) -> int:
+    async def insert_async(self, connection: AsyncConnection | None, job: producer.PreparedJob) -> JobId:
         async with self._using_async(connection) as conn:
             return await producer.insert_async(conn, job)
 

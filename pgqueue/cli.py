@@ -139,6 +139,8 @@ def _parser() -> argparse.ArgumentParser:
     command.add_argument("--run-at", help="ISO 8601 time with a timezone")
     command.add_argument("--max-attempts", type=int)
     command.add_argument("--timeout", type=float, help="seconds")
+    command.add_argument("--unique-key", help="no new job while another job of the task holds this key")
+    command.add_argument("--unique-for", type=float, help="seconds the key is held, whatever the job's state")
     command.set_defaults(handler=_enqueue)
 
     monitoring.add_commands(commands, _settings, _port)
@@ -271,12 +273,17 @@ def _enqueue(arguments: argparse.Namespace) -> int:
         "run_at": run_at,
         "max_attempts": arguments.max_attempts,
         "timeout": arguments.timeout,
+        "unique_key": arguments.unique_key,
+        "unique_for": arguments.unique_for,
     }
     job = app.prepare(arguments.task, args, **options)
     with psycopg.connect(app.dsn, autocommit=True) as connection:
         _check(connection)
         job_id = app.insert(connection, job)
+    # the id alone on stdout, as for any job; a duplicate says so on stderr
     print(job_id)
+    if job_id.duplicate:
+        print(f"job {job_id} holds unique key {arguments.unique_key!r}: no new job", file=sys.stderr)
     return 0
 
 

@@ -22,7 +22,7 @@ def run_demo(settings: Settings) -> int:
 
     with psycopg.connect(app.dsn) as connection:
         # Everything below commits together: the jobs exist only if this transaction does.
-        ids = [
+        ids: list[int] = [
             add.enqueue(connection, 2, 3),
             add.options(priority=Priority.HIGH).enqueue(connection, a=40, b=2),
             resize_image.enqueue(connection, name="cat.png", width=640),

@@ -8,7 +8,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import InvalidJobError
 
@@ -107,6 +115,16 @@ class JobOptions(BaseModel):
     max_attempts: int = Field(default=10, ge=1, le=1_000_000)
     timeout: Seconds | None = Field(default=None, gt=0, le=MAX_DELAY_SECONDS, allow_inf_nan=False)
     retry: RetryPolicy = RetryPolicy()
+    # a job with a key is not created while another job of its task holds the key (queued
+    # or running; with `unique_for`, for that many seconds after it was taken)
+    unique_key: str | None = Field(default=None, min_length=1, max_length=500)
+    unique_for: Seconds | None = Field(default=None, gt=0, le=MAX_DELAY_SECONDS, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _window_needs_a_key(self) -> JobOptions:
+        if self.unique_for is not None and self.unique_key is None:
+            raise ValueError("unique_for goes with a unique_key")
+        return self
 
     @field_validator("queue")
     @classmethod
@@ -142,6 +160,18 @@ class JobOptions(BaseModel):
         if given.get("delay") and given.get("run_at") is not None:
             raise InvalidJobError("give delay or run_at, not both")
         return validate_options({**self.model_dump(), **given})
+
+
+class JobId(int):
+    """A job's id, as enqueue returns it. `duplicate` is True when the job was not created
+    because another job holds its unique key: this is that job's id."""
+
+    duplicate: bool
+
+    def __new__(cls, value: int, duplicate: bool = False) -> JobId:
+        job_id = super().__new__(cls, value)
+        job_id.duplicate = duplicate
+        return job_id
 
 
 def validate_options(values: dict[str, Any]) -> JobOptions:

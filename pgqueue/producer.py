@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 
 from .errors import ConfigurationError, InvalidJobError
-from .models import JobOptions, validate_task_name
+from .models import JobId, JobOptions, validate_task_name
 from .payloads import UnstorableJson, encode_json
 from .plans import Plan, atomic, atomic_async, drive, drive_async
 from .sql import query
@@ -87,31 +87,61 @@ def prepare(task: str, args: dict[str, Any], options: JobOptions) -> PreparedJob
     return PreparedJob(validate_task_name(task), encode_args(task, args), options)
 
 
-def _insert_plan(job: PreparedJob) -> Plan[int]:
+def _insert_plan(job: PreparedJob) -> Plan[JobId]:
     if job.given is None:
         rows = yield query("insert_job"), job.params()
         assert rows
-        return int(rows[0][0])
-    rows = yield query("insert_job_by_name"), job.params()
+        job_id = int(rows[0][0])
+    else:
+        rows = yield query("insert_job_by_name"), job.params()
+        assert rows
+        job_id, registered = int(rows[0][0]), rows[0][1]
+        if not registered:
+            log.warning(
+                "enqueued job %d of task %r, which no worker has registered (yet): check the name",
+                job_id,
+                job.task,
+            )
+    key = job.options.unique_key
+    if key is None:
+        return JobId(job_id)
+    # the job takes its key, or gives way (removed again, unseen) to the job that holds it
+    rows = yield (
+        query("take_job_key"),
+        {
+            "task": job.task,
+            "key": key,
+            "id": job_id,
+            "window": job.options.unique_for,
+        },
+    )
     assert rows
-    job_id, registered = rows[0]
-    if not registered:
-        log.warning(
-            "enqueued job %d of task %r, which no worker has registered (yet): check the name",
-            job_id,
-            job.task,
-        )
-    return int(job_id)
+    holder, duplicate = rows[0]
+    return JobId(int(holder), bool(duplicate))
 
 
-def insert(connection: psycopg.Connection[Any], job: PreparedJob) -> int:
+def _insert_each_plan(jobs: Sequence[PreparedJob]) -> Plan[list[int]]:
+    """One job after the other (each a JobId, which says whether it was a duplicate)."""
+    ids: list[int] = []
+    for job in jobs:
+        ids.append((yield from _insert_plan(job)))
+    return ids
+
+
+def insert(connection: psycopg.Connection[Any], job: PreparedJob) -> JobId:
     """Insert one job on `connection`, in whatever transaction it has open."""
-    return drive(connection, _insert_plan(job))
+    if job.options.unique_key is None:
+        return drive(connection, _insert_plan(job))
+    with atomic(connection):  # the job and its key, or neither
+        return drive(connection, _insert_plan(job))
 
 
-async def insert_async(connection: psycopg.AsyncConnection[Any], job: PreparedJob) -> int:
+async def insert_async(connection: psycopg.AsyncConnection[Any], job: PreparedJob) -> JobId:
     """The async twin of `insert`."""
-    return await drive_async(connection, _insert_plan(job))
+    if job.options.unique_key is None:
+        return await drive_async(connection, _insert_plan(job))
+    async with atomic_async(connection):
+        return await drive_async(connection, _insert_plan(job))
 
 
 def _refuse_by_name(jobs: Sequence[PreparedJob]) -> None:
@@ -152,6 +182,10 @@ def insert_many(connection: psycopg.Connection[Any], jobs: Sequence[PreparedJob]
     if not jobs:
         return []
     _refuse_by_name(jobs)
+    if any(job.options.unique_key is not None for job in jobs):
+        # COPY cannot give way to a key's holder: one statement pair per job instead
+        with atomic(connection):
+            return list(drive(connection, _insert_each_plan(jobs)))
     with atomic(connection):
         reserved = connection.execute(query("reserve_ids"), {"count": len(jobs)}).fetchone()
         assert reserved is not None
@@ -169,6 +203,9 @@ async def insert_many_async(
     if not jobs:
         return []
     _refuse_by_name(jobs)
+    if any(job.options.unique_key is not None for job in jobs):
+        async with atomic_async(connection):
+            return list(await drive_async(connection, _insert_each_plan(jobs)))
     async with atomic_async(connection):
         cursor = await connection.execute(query("reserve_ids"), {"count": len(jobs)})
         reserved = await cursor.fetchone()

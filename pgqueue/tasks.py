@@ -15,7 +15,7 @@ import psycopg
 from . import producer
 from .context import JobContext, _current
 from .errors import InvalidJobError
-from .models import JobOptions, RetryPolicy
+from .models import JobId, JobOptions, RetryPolicy
 
 if TYPE_CHECKING:
     from .app import App
@@ -65,6 +65,8 @@ class Task(Generic[P, R]):
         max_attempts: int | None = None,
         timeout: float | timedelta | None = None,
         retry: RetryPolicy | None = None,
+        unique_key: str | None = None,
+        unique_for: float | timedelta | None = None,
     ) -> Task[P, R]:
         """A copy of this task whose next jobs use these options."""
         return self.with_options(
@@ -75,6 +77,8 @@ class Task(Generic[P, R]):
             max_attempts=max_attempts,
             timeout=timeout,
             retry=retry,
+            unique_key=unique_key,
+            unique_for=unique_for,
         )
 
     def with_options(self, **options: Any) -> Task[P, R]:
@@ -126,8 +130,9 @@ class Task(Generic[P, R]):
 
     def enqueue(
         self, connection: psycopg.Connection[Any] | None, /, *args: P.args, **kwargs: P.kwargs
-    ) -> int:
-        """Write a job for this task on `connection` (in its open transaction) and return its id.
+    ) -> JobId:
+        """Write a job for this task on `connection` (in its open transaction) and return its id
+        (with a unique key another job holds: that job's id, marked `duplicate`).
 
         Pass `None` to use the app's own connection pool (committed at once).
         """
@@ -135,7 +140,7 @@ class Task(Generic[P, R]):
 
     async def enqueue_async(
         self, connection: psycopg.AsyncConnection[Any] | None, /, *args: P.args, **kwargs: P.kwargs
-    ) -> int:
+    ) -> JobId:
         """The async twin of `enqueue`."""
         return await self.app.insert_async(connection, self.prepare(*args, **kwargs))
 

@@ -295,3 +295,13 @@ select pgqueue.limit_queue(%(queue)s, %(max_running)s::integer, %(rate_per_secon
 -- The queues with controls, and their running jobs.
 select queue, paused, max_running, rate_per_second, burst, running
 from pgqueue.queue_controls order by queue
+
+-- name: take_job_key
+-- A job just inserted takes its unique key, or is removed again in favour of the job that
+-- holds it: (the holder's id, duplicate).
+select id, duplicate
+from pgqueue.take_job_key(%(task)s, %(key)s, %(id)s, make_interval(secs => %(window)s::double precision))
+
+-- name: prune_job_keys
+-- The leader forgets up to %(limit)s unique keys no job holds any more.
+select pgqueue.prune_job_keys(%(limit)s)

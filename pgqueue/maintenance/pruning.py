@@ -34,6 +34,8 @@ async def prune_finished(connection: WorkerConnection) -> int:
             break  # every policy is done for now
     if total:
         log.info("pruned %d finished job(s) past their retention", total)
+    # unique keys whose job finished (or whose window ended): one bounded batch a round
+    await connection.fetch(query("prune_job_keys"), {"limit": BATCH * ROUNDS})
     return total
 
 
