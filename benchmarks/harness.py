@@ -333,6 +333,14 @@ def drain_once(
         time.sleep(0.02)
     wall = time.perf_counter() - started
     if not reset:
+        # a worker still starting up when the other drained every job would die of the
+        # SIGTERM (its handlers not installed yet): stop each once it has said it started
+        for i in range(len(workers)):
+            deadline = time.perf_counter() + 30
+            while " started: queues " not in b.worker_log(f"{tag}-{i}", lines=50):
+                if workers[i].poll() is not None or time.perf_counter() > deadline:
+                    break
+                time.sleep(0.02)
         for worker in workers:
             worker.send_signal(signal.SIGTERM)
     for i, worker in enumerate(workers):
