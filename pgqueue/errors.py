@@ -49,3 +49,14 @@ class JobNotFoundError(PgQueueError, LookupError):
 
 class UnknownQueueError(PgQueueError, LookupError):
     """No job, registered task or live worker has a queue of that name."""
+
+
+class QueueFull(PgQueueError):
+    """The queue holds as many waiting jobs as its maximum depth allows: try again later
+    (a web app answers 503 with Retry-After). Nothing of the refused enqueue was written."""
+
+    def __init__(self, message: str, queue: str, depth: int, max_depth: int) -> None:
+        super().__init__(message)
+        self.queue = queue
+        self.depth = depth
+        self.max_depth = max_depth

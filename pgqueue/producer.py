@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -10,7 +12,7 @@ from typing import Any
 
 import psycopg
 
-from .errors import ConfigurationError, InvalidJobError
+from .errors import ConfigurationError, InvalidJobError, QueueFull
 from .models import JobId, JobOptions, validate_task_name
 from .payloads import UnstorableJson, encode_json
 from .plans import Plan, atomic, atomic_async, drive, drive_async
@@ -128,20 +130,42 @@ def _insert_each_plan(jobs: Sequence[PreparedJob]) -> Plan[list[int]]:
     return ids
 
 
+_FULL = re.compile(r"queue=(?P<queue>\S+) depth=(?P<depth>\d+) max_depth=(?P<max_depth>\d+)")
+
+
+@contextlib.contextmanager
+def _refused_when_full() -> Iterator[None]:
+    """The queue's maximum depth (0012) refused the enqueue: QueueFull, with the depth."""
+    try:
+        yield
+    except psycopg.errors.ConfigurationLimitExceeded as error:
+        found = _FULL.fullmatch(error.diag.message_detail or "")
+        if found is None:
+            raise
+        raise QueueFull(
+            (error.diag.message_primary or str(error)).strip(),
+            found["queue"],
+            int(found["depth"]),
+            int(found["max_depth"]),
+        ) from None
+
+
 def insert(connection: psycopg.Connection[Any], job: PreparedJob) -> JobId:
     """Insert one job on `connection`, in whatever transaction it has open."""
-    if job.options.unique_key is None:
-        return drive(connection, _insert_plan(job))
-    with atomic(connection):  # the job and its key, or neither
-        return drive(connection, _insert_plan(job))
+    with _refused_when_full():
+        if job.options.unique_key is None:
+            return drive(connection, _insert_plan(job))
+        with atomic(connection):  # the job and its key, or neither
+            return drive(connection, _insert_plan(job))
 
 
 async def insert_async(connection: psycopg.AsyncConnection[Any], job: PreparedJob) -> JobId:
     """The async twin of `insert`."""
-    if job.options.unique_key is None:
-        return await drive_async(connection, _insert_plan(job))
-    async with atomic_async(connection):
-        return await drive_async(connection, _insert_plan(job))
+    with _refused_when_full():
+        if job.options.unique_key is None:
+            return await drive_async(connection, _insert_plan(job))
+        async with atomic_async(connection):
+            return await drive_async(connection, _insert_plan(job))
 
 
 def _refuse_by_name(jobs: Sequence[PreparedJob]) -> None:
@@ -182,17 +206,18 @@ def insert_many(connection: psycopg.Connection[Any], jobs: Sequence[PreparedJob]
     if not jobs:
         return []
     _refuse_by_name(jobs)
-    if any(job.options.unique_key is not None for job in jobs):
-        # COPY cannot give way to a key's holder: one statement pair per job instead
+    with _refused_when_full():
+        if any(job.options.unique_key is not None for job in jobs):
+            # COPY cannot give way to a key's holder: one statement pair per job instead
+            with atomic(connection):
+                return list(drive(connection, _insert_each_plan(jobs)))
         with atomic(connection):
-            return list(drive(connection, _insert_each_plan(jobs)))
-    with atomic(connection):
-        reserved = connection.execute(query("reserve_ids"), {"count": len(jobs)}).fetchone()
-        assert reserved is not None
-        ids, now = reserved
-        with connection.cursor().copy(query("copy_jobs")) as copy:
-            for row in _copy_rows(jobs, ids, now):
-                copy.write_row(row)
+            reserved = connection.execute(query("reserve_ids"), {"count": len(jobs)}).fetchone()
+            assert reserved is not None
+            ids, now = reserved
+            with connection.cursor().copy(query("copy_jobs")) as copy:
+                for row in _copy_rows(jobs, ids, now):
+                    copy.write_row(row)
     return list(ids)
 
 
@@ -203,15 +228,16 @@ async def insert_many_async(
     if not jobs:
         return []
     _refuse_by_name(jobs)
-    if any(job.options.unique_key is not None for job in jobs):
+    with _refused_when_full():
+        if any(job.options.unique_key is not None for job in jobs):
+            async with atomic_async(connection):
+                return list(await drive_async(connection, _insert_each_plan(jobs)))
         async with atomic_async(connection):
-            return list(await drive_async(connection, _insert_each_plan(jobs)))
-    async with atomic_async(connection):
-        cursor = await connection.execute(query("reserve_ids"), {"count": len(jobs)})
-        reserved = await cursor.fetchone()
-        assert reserved is not None
-        ids, now = reserved
-        async with connection.cursor().copy(query("copy_jobs")) as copy:
-            for row in _copy_rows(jobs, ids, now):
-                await copy.write_row(row)
+            cursor = await connection.execute(query("reserve_ids"), {"count": len(jobs)})
+            reserved = await cursor.fetchone()
+            assert reserved is not None
+            ids, now = reserved
+            async with connection.cursor().copy(query("copy_jobs")) as copy:
+                for row in _copy_rows(jobs, ids, now):
+                    await copy.write_row(row)
     return list(ids)

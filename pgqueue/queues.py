@@ -38,6 +38,7 @@ class QueueControl:
     rate_per_second: float | None
     burst: int | None
     running: int
+    max_depth: int | None = None
 
 
 class QueueLimits(BaseModel):
@@ -49,6 +50,7 @@ class QueueLimits(BaseModel):
     max_running: int | None = Field(default=None, ge=1)
     rate_per_second: float | None = Field(default=None, gt=0, le=1_000_000, allow_inf_nan=False)
     burst: int | None = Field(default=None, ge=1)
+    max_depth: int | None = Field(default=None, ge=1)
 
     @field_validator("queue")
     @classmethod
@@ -94,8 +96,8 @@ def _limit_plan(limits: QueueLimits) -> Plan[None]:
 def _list_plan() -> Plan[list[QueueControl]]:
     rows = yield query("queue_controls"), None
     return [
-        QueueControl(str(q), bool(p), m, float(r) if r is not None else None, b, int(n))
-        for q, p, m, r, b, n in rows or []
+        QueueControl(str(q), bool(p), m, float(r) if r is not None else None, b, int(n), d)
+        for q, p, m, r, b, n, d in rows or []
     ]
 
 
@@ -121,12 +123,19 @@ class QueueControls:
         max_running: int | None = None,
         rate_per_second: float | None = None,
         burst: int | None = None,
+        max_depth: int | None = None,
         connection: psycopg.Connection[Any] | None = None,
     ) -> None:
         """At most `max_running` jobs of `queue` running at once, and `rate_per_second` started
-        per second (bursts up to `burst`, default one second's worth), across all workers.
-        None lifts that limit."""
-        limits = _checked(queue=queue, max_running=max_running, rate_per_second=rate_per_second, burst=burst)
+        per second (bursts up to `burst`, default one second's worth), across all workers;
+        at most `max_depth` waiting (an enqueue past it raises QueueFull). None lifts that limit."""
+        limits = _checked(
+            queue=queue,
+            max_running=max_running,
+            rate_per_second=rate_per_second,
+            burst=burst,
+            max_depth=max_depth,
+        )
         self._run(_limit_plan(limits), connection)
 
     def all(self, connection: psycopg.Connection[Any] | None = None) -> list[QueueControl]:
@@ -147,9 +156,16 @@ class QueueControls:
         max_running: int | None = None,
         rate_per_second: float | None = None,
         burst: int | None = None,
+        max_depth: int | None = None,
         connection: psycopg.AsyncConnection[Any] | None = None,
     ) -> None:
-        limits = _checked(queue=queue, max_running=max_running, rate_per_second=rate_per_second, burst=burst)
+        limits = _checked(
+            queue=queue,
+            max_running=max_running,
+            rate_per_second=rate_per_second,
+            burst=burst,
+            max_depth=max_depth,
+        )
         await self._run_async(_limit_plan(limits), connection)
 
     async def all_async(self, connection: psycopg.AsyncConnection[Any] | None = None) -> list[QueueControl]:
@@ -188,6 +204,12 @@ def add_commands(commands: Any, settings: Callable[..., Settings]) -> None:
     action.add_argument(
         "--burst", type=int, default=None, help="jobs at once within the rate (default: 1 s worth)"
     )
+    action.add_argument(
+        "--max-depth",
+        type=_optional(int),
+        default=None,
+        help="jobs waiting at most (past it, enqueue: QueueFull)",
+    )
     actions.add_parser("list", help="the queues with controls")
     command.set_defaults(handler=lambda arguments: _queue_command(arguments, settings(arguments)))
 
@@ -214,15 +236,19 @@ def _queue_command(arguments: argparse.Namespace, settings: Settings) -> int:
                 max_running=arguments.max_running,
                 rate_per_second=arguments.rate,
                 burst=arguments.burst,
+                max_depth=arguments.max_depth,
                 connection=connection,
             )
         controls = app.controls.all(connection)
-    print(f"{'queue':<20} {'paused':<7} {'max running':<12} {'rate/s':<10} {'burst':<6} running")
+    print(
+        f"{'queue':<20} {'paused':<7} {'max running':<12} {'rate/s':<10} {'burst':<6} "
+        f"{'running':<8} max depth"
+    )
     for control in controls:
         print(
             f"{control.queue:<20} {'yes' if control.paused else 'no':<7} "
             f"{_shown(control.max_running):<12} {_shown(control.rate_per_second):<10} "
-            f"{_shown(control.burst):<6} {control.running}"
+            f"{_shown(control.burst):<6} {control.running:<8} {_shown(control.max_depth)}"
         )
     if not controls:
         print("(no queue has controls: every queue runs unpaused and unlimited)")

@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from pgqueue import App, ConfigurationError, JobsClaimed, UnknownQueueError
+from pgqueue import App, ConfigurationError, JobsClaimed, QueueFull, UnknownQueueError
 from pgqueue.health import check_health
 from pgqueue.testing import running_worker, wait_for_states
 from tests import sample_app
@@ -160,7 +160,7 @@ def test_queue_controls_refuse_unknown_queues_and_impossible_limits(
     assert zero.returncode == 2 and "max_running" in zero.stderr
     limited = pgqueue("limit", "known", "--max-running", "4", "--rate", "2.5")
     assert limited.returncode == 0, limited.stderr
-    assert limited.stdout.splitlines()[1].split() == ["known", "no", "4", "2.5", "3", "0"]
+    assert limited.stdout.splitlines()[1].split() == ["known", "no", "4", "2.5", "3", "0", "-"]
     lifted = pgqueue("limit", "known", "--max-running", "none")
     assert lifted.returncode == 0 and "no queue has controls" in lifted.stdout
 
@@ -195,3 +195,47 @@ def test_a_limit_counts_running_jobs_of_every_worker_and_the_claim_stays_in_prio
         held,
     )
     assert sorted(claim("w2", 5)) == [("q", 0), ("q", 5)]  # two finished: two more may start
+
+
+def test_an_enqueue_past_a_queues_maximum_depth_is_refused_with_queue_full(
+    new_app: Callable[..., App], dsn: str
+) -> None:
+    app = new_app()
+
+    @app.task(name="thumbnails.make", queue="thumbnails")
+    def make(n: int) -> int:
+        return n
+
+    first = make.enqueue(None, n=0)
+    app.controls.limit("thumbnails", max_depth=3)
+    make.enqueue_many(None, [{"n": 1}, {"n": 2}])  # 3 waiting: full, not past it
+    with pytest.raises(QueueFull, match="queue 'thumbnails' is full: 3 job") as refused:
+        make.enqueue(None, n=3)
+    assert (refused.value.queue, refused.value.depth, refused.value.max_depth) == ("thumbnails", 3, 3)
+    with pytest.raises(QueueFull):  # a batch goes whole or not at all
+        make.enqueue_many(None, [{"n": 4}])
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        with pytest.raises(psycopg.errors.ConfigurationLimitExceeded, match="is full"):
+            connection.execute(
+                "select pgqueue.enqueue('thumbnails.make', '{\"n\": 5}', queue => 'thumbnails')"
+            )
+        waiting = connection.execute(
+            "select count(*) from pgqueue.active_jobs where queue = 'thumbnails'"
+        ).fetchone()
+        assert waiting == (3,)
+        # a job already accepted is never refused: a retry goes back however full the queue
+        claimed = connection.execute(
+            "select id, attempt from pgqueue.claim_jobs('w', array['thumbnails'], 1, 30)"
+        ).fetchone()
+        assert claimed is not None and claimed[0] == first
+        make.enqueue(None, n=6)  # room again: the claimed one no longer waits
+        retried = connection.execute(
+            "select state::text from pgqueue.complete_jobs('w', array[%s::bigint], array[%s],"
+            " array['failed'], array[null::jsonb], array['{\"error\": \"x\"}'::jsonb], array[null::float8])",
+            claimed,
+        ).fetchall()
+        assert retried == [("queued",)]
+    app.controls.limit("thumbnails", max_depth=None)
+    make.enqueue(None, n=7)  # lifted
+    with pytest.raises(ConfigurationError, match="max_depth"):
+        app.controls.limit("thumbnails", max_depth=0)
