@@ -8,7 +8,7 @@ import logging
 import os
 import random
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -112,7 +112,7 @@ class WorkerConnection:
         return self._connection
 
     async def fetch(
-        self, statement: str, params: dict[str, Any], timeout: float | None = None
+        self, statement: str, params: dict[str, Any] | Sequence[Any], timeout: float | None = None
     ) -> list[tuple[Any, ...]]:
         """Run one statement and return its rows, within `timeout` (default: the connection's).
 
@@ -227,7 +227,7 @@ def _shut_down(connection: psycopg.AsyncConnection[Any]) -> bool:
 
 
 async def _execute(
-    connection: psycopg.AsyncConnection[Any], statement: str, params: dict[str, Any]
+    connection: psycopg.AsyncConnection[Any], statement: str, params: dict[str, Any] | Sequence[Any]
 ) -> list[tuple[Any, ...]]:
     cursor = connection.cursor(row_factory=tuple_row)
     await cursor.execute(statement, params)

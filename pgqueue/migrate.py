@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 
-from .connection import CONNECTION_ERRORS, Backoff, WorkerConnection
+from .connection import CONNECTION_ERRORS, Backoff, DatabaseUnavailable, WorkerConnection
 from .errors import (
     MigrationChecksumError,
     MigrationLockTimeoutError,
@@ -203,6 +203,20 @@ async def check_schema_async(connection: psycopg.AsyncConnection[Any]) -> int:
     return await drive_async(connection, _version_plan())
 
 
+_UNREACHABLE: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, DatabaseUnavailable)
+
+
+async def _check_schema_within_timeout(connection: WorkerConnection) -> int:
+    plan, rows = _version_plan(), None
+    try:
+        while True:
+            statement, params = plan.send(rows)
+            rows = await connection.fetch(statement, params or ())
+    except StopIteration as finished:
+        version: int = finished.value
+        return version
+
+
 async def wait_for_schema(
     connection: WorkerConnection,
     reconnect_max_delay: float,
@@ -215,11 +229,14 @@ async def wait_for_schema(
     backoff = Backoff(cap=reconnect_max_delay)
     while not stopping():
         try:
-            await check_schema_async(await connection.connect())
+            # each statement within the connection's timeout (a DatabaseUnavailable or a
+            # TimeoutError): a link that dies during the check must not hold the worker's
+            # start until TCP gives up on it
+            await _check_schema_within_timeout(connection)
             return True
         except SchemaError:
             raise
-        except CONNECTION_ERRORS as error:
+        except _UNREACHABLE as error:
             await connection.discard()
             delay = backoff.next_delay()
             log.warning(
