@@ -404,6 +404,9 @@ def test_a_call_over_a_dead_link_gives_up_after_the_statement_timeout(
         through(proxy, dsn), app=APP, environment={"PGQUEUE_STATEMENT_TIMEOUT": "1"}
     )
     wait_until(lambda: len(backends(dsn, "pgqueue-claim")) == 1, "the worker to connect", worker)
+    # started, so that the cut meets the claim loop (a cut during the start's schema check
+    # is retried the same way, and says "database unreachable")
+    worker.wait_for_output(" started: queues ", timeout=TIMEOUT)
 
     proxy.cut()
     cut_at = time.monotonic()
