@@ -365,12 +365,17 @@ def test_the_maintenance_leader_prunes_while_a_worker_runs(dsn: str, sample: Any
         )
         settings = sample.settings.model_copy(update={"rescue_interval": 0.2})
         with running_worker(sample, settings=settings):
-            job_id = sample.enqueue(None, "cpu", {"n": 5})
+            job_id = sample.enqueue(None, "cpu", {"n": 5}, unique_key="five")  # a key its end frees
             wait_for_states(dsn, [job_id])  # ran (its lead may have pruned before it came)
             wait_for(
                 lambda: execute(connection, "select count(*) from pgqueue.jobs where task = 'old'") == [(0,)],
                 timeout=60,
                 what="the leader to prune the 3,000 old jobs",
+            )
+            wait_for(
+                lambda: execute(connection, "select count(*) from pgqueue.job_keys") == [(0,)],
+                timeout=60,
+                what="the leader to forget the finished job's unique key",
             )
         kept = execute(connection, "select state::text from pgqueue.jobs where id = %s", (job_id,))
     assert kept == [("succeeded",)]  # today's job is kept

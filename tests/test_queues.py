@@ -163,6 +163,14 @@ def test_queue_controls_refuse_unknown_queues_and_impossible_limits(
     assert limited.stdout.splitlines()[1].split() == ["known", "no", "4", "2.5", "3", "0", "-"]
     lifted = pgqueue("limit", "known", "--max-running", "none")
     assert lifted.returncode == 0 and "no queue has controls" in lifted.stdout
+    down = subprocess.run(
+        pgqueue_command("--dsn", "postgresql://postgres@127.0.0.1:1/nowhere", "queue", "pause", "known"),
+        env=subprocess_environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert down.returncode == 1 and "cannot reach the database" in down.stderr
 
 
 def test_a_limit_counts_running_jobs_of_every_worker_and_the_claim_stays_in_priority_order(

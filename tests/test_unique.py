@@ -4,6 +4,7 @@ concurrent producers, in bulk, from SQL and from the command line."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import subprocess
 import threading
@@ -213,6 +214,10 @@ def test_a_key_is_taken_with_the_callers_transaction_and_forgotten_once_free(
         send.options(unique_for=60)
     with pytest.raises(InvalidJobError, match="unique_key"):
         send.options(unique_key="")
+    with pytest.raises(InvalidJobError, match="unique_key"):
+        send.options(unique_key="k" * 501)
+    with pytest.raises(InvalidJobError, match="unique_key"):
+        send.options(unique_key=7)  # type: ignore[arg-type]
 
     def keys(connection: psycopg.Connection[Any]) -> list[str]:
         return [str(key) for (key,) in connection.execute("select key from pgqueue.job_keys order by key")]
@@ -224,3 +229,33 @@ def test_a_key_is_taken_with_the_callers_transaction_and_forgotten_once_free(
         assert connection.execute("select pgqueue.prune_job_keys()").fetchone() == (1,)
         assert keys(connection) == ["invoice-8"]  # its job is still queued
     assert not held.duplicate
+
+
+def test_the_async_producer_takes_keys_and_meets_a_full_queue_too(
+    new_app: Callable[..., App], dsn: str
+) -> None:
+    from pgqueue import QueueFull
+
+    app = new_app()
+
+    @app.task(name="export.run", queue="exports")
+    def run(n: int) -> None:
+        return None
+
+    async def produce() -> tuple[JobId, JobId, list[int]]:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as connection:
+            first = await run.options(unique_key="nightly").enqueue_async(connection, n=1)
+            again = await run.options(unique_key="nightly").enqueue_async(connection, n=1)
+            many = await run.enqueue_many_async(connection, [{"n": 2}])
+            await app.controls.limit_async("exports", max_depth=2, connection=connection)
+            assert [c.max_depth for c in await app.controls.all_async(connection)] == [2]
+            with pytest.raises(QueueFull) as refused:
+                await run.enqueue_async(connection, n=3)
+            assert (refused.value.depth, refused.value.max_depth) == (2, 2)
+            await app.controls.pause_async("exports", connection)
+            await app.controls.resume_async("exports", connection)
+            return first, again, many
+
+    first, again, many = asyncio.run(produce())
+    assert not first.duplicate and again == first and again.duplicate
+    assert count(dsn, "queue = 'exports'") == 1 + len(many)
