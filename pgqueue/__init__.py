@@ -1,11 +1,13 @@
 """pgqueue: a PostgreSQL-native background job queue for Python."""
 
 from .app import App
-from .context import JobContext, current_job
+from .context import Cancelled, JobContext, current_job
 from .errors import (
     ConfigurationError,
     DatabaseUnavailableError,
     InvalidJobError,
+    JobFailedError,
+    JobFinishedError,
     JobNotFoundError,
     MigrationChecksumError,
     MigrationLockTimeoutError,
@@ -21,6 +23,7 @@ from .hooks import (
     Connected,
     Hooks,
     JobFinished,
+    JobProgress,
     JobRescued,
     JobsClaimed,
     JobStarted,
@@ -30,7 +33,7 @@ from .hooks import (
 )
 from .migrate import check_schema, check_schema_async, migrate, migrate_async
 from .models import Job, JobId, JobOptions, JobState, Priority, RetryPolicy
-from .outcomes import Fail, Retry
+from .outcomes import Fail, Retry, Snooze
 from .queues import QueueControl, QueueControls
 from .settings import Settings
 from .tasks import Task
@@ -38,6 +41,7 @@ from .worker import Worker
 
 __all__ = [
     "App",
+    "Cancelled",
     "ConfigurationError",
     "Connected",
     "DatabaseUnavailableError",
@@ -46,10 +50,13 @@ __all__ = [
     "InvalidJobError",
     "Job",
     "JobContext",
+    "JobFailedError",
     "JobFinished",
+    "JobFinishedError",
     "JobId",
     "JobNotFoundError",
     "JobOptions",
+    "JobProgress",
     "JobRescued",
     "JobStarted",
     "JobState",
@@ -68,6 +75,7 @@ __all__ = [
     "SchemaNotMigratedError",
     "SchemaTooNewError",
     "Settings",
+    "Snooze",
     "Task",
     "UnknownQueueError",
     "UnknownTaskError",

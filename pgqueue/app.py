@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -16,10 +18,17 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from . import producer
 from .database import redact, resolve_dsn
-from .errors import ConfigurationError, DatabaseUnavailableError, JobNotFoundError, UnknownTaskError
+from .errors import (
+    ConfigurationError,
+    DatabaseUnavailableError,
+    JobFailedError,
+    JobFinishedError,
+    JobNotFoundError,
+    UnknownTaskError,
+)
 from .hooks import Hooks
 from .migrate import migrate, migrate_async, schema_required
-from .models import Job, JobId, JobOptions, RetryPolicy, validate_options, validate_task_name
+from .models import Job, JobId, JobOptions, JobState, RetryPolicy, validate_options, validate_task_name
 from .plans import Plan, drive, drive_async
 from .queues import QueueControls
 from .settings import Settings
@@ -175,11 +184,13 @@ class App:
 
     def insert(self, connection: Connection | None, job: producer.PreparedJob) -> JobId:
         with self._using(connection) as conn:
-            return producer.insert(conn, job)
+            job_id = producer.insert(conn, job)
+        return JobId(job_id, job_id.duplicate, self)
 
     async def insert_async(self, connection: AsyncConnection | None, job: producer.PreparedJob) -> JobId:
         async with self._using_async(connection) as conn:
-            return await producer.insert_async(conn, job)
+            job_id = await producer.insert_async(conn, job)
+        return JobId(job_id, job_id.duplicate, self)
 
     def insert_many(self, connection: Connection | None, jobs: list[producer.PreparedJob]) -> list[int]:
         with self._using(connection) as conn:
@@ -202,14 +213,38 @@ class App:
         async with self._using_async(connection) as conn:
             return await drive_async(conn, _get_job_plan(job_id))
 
-    def cancel(self, job_id: int, connection: Connection | None = None) -> bool:
-        """Cancel a queued job; False if it already started or finished. JobNotFoundError if none."""
+    def cancel(self, job_id: int, connection: Connection | None = None) -> CancelState:
+        """Cancel a job: "cancelled" when it was queued (it will not run), "cancelling" when
+        it runs (its worker stops it within a second when it LISTENs, else at its next
+        heartbeat, and records it cancelled). JobFinishedError when it already ended,
+        JobNotFoundError when there is no such job."""
         with self._using(connection) as conn:
-            return drive(conn, _control_plan("cancel_job", job_id))
+            return drive(conn, _cancel_plan(job_id))
 
-    async def cancel_async(self, job_id: int, connection: AsyncConnection | None = None) -> bool:
+    async def cancel_async(self, job_id: int, connection: AsyncConnection | None = None) -> CancelState:
         async with self._using_async(connection) as conn:
-            return await drive_async(conn, _control_plan("cancel_job", job_id))
+            return await drive_async(conn, _cancel_plan(job_id))
+
+    def wait(self, job_id: int, timeout: float | None = None) -> Any:
+        """Wait for the job to end: its result when it succeeded; JobFailedError (with its
+        errors) when it was dead-lettered or cancelled; TimeoutError after `timeout` seconds.
+        It polls the job's row (a primary-key read), more slowly the longer it waits."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for pause in _wait_pauses(deadline):
+            job = self.get_job(job_id)
+            if job.state not in (JobState.QUEUED, JobState.RUNNING):
+                return _ended(job)
+            time.sleep(pause)
+        raise TimeoutError(f"job {job_id} did not finish within {timeout:g}s")
+
+    async def wait_async(self, job_id: int, timeout: float | None = None) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for pause in _wait_pauses(deadline):
+            job = await self.get_job_async(job_id)
+            if job.state not in (JobState.QUEUED, JobState.RUNNING):
+                return _ended(job)
+            await asyncio.sleep(pause)
+        raise TimeoutError(f"job {job_id} did not finish within {timeout:g}s")
 
     def retry(self, job_id: int, connection: Connection | None = None) -> bool:
         """Requeue a dead-lettered or cancelled job; False if it is in another state."""
@@ -341,7 +376,41 @@ def _get_job_plan(job_id: int) -> Plan[Job]:
     return Job.from_row(rows[0])
 
 
-def _control_plan(name: Literal["cancel_job", "retry_job"], job_id: int) -> Plan[bool]:
+CancelState = Literal["cancelled", "cancelling"]
+
+
+def _cancel_plan(job_id: int) -> Plan[CancelState]:
+    rows = yield query("cancel"), {"id": job_id}
+    state = rows[0][0] if rows else None
+    if state is None:
+        raise JobNotFoundError(f"no job with id {job_id}")
+    if state in ("cancelled", "cancelling"):
+        return state  # type: ignore[no-any-return]
+    ended = str(state).removeprefix("already ")
+    raise JobFinishedError(f"job {job_id} already ended ({ended}): nothing to cancel", job_id, ended)
+
+
+def _wait_pauses(deadline: float | None) -> Iterator[float]:
+    """Pauses between looks at a job: 10 ms at first, up to half a second; none past `deadline`."""
+    pause = 0.01
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            yield 0.0  # one last look
+            return
+        yield pause if left is None else min(pause, left)
+        pause = min(pause * 1.5, 0.5)
+
+
+def _ended(job: Job) -> Any:
+    if job.state == JobState.SUCCEEDED:
+        return job.result
+    last = job.errors[-1]["error"] if job.errors else "no error recorded"
+    message = f"job {job.id} ({job.task}) ended {job.state}: {last}"
+    raise JobFailedError(message, job.id, job.state, job.errors)
+
+
+def _control_plan(name: Literal["retry_job"], job_id: int) -> Plan[bool]:
     rows = yield query(name), {"id": job_id}
     if rows and rows[0][0]:
         return True

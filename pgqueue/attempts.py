@@ -71,7 +71,7 @@ async def run_attempt(
             on_start=lambda: started.append(time.time()),
         )
 
-    outcome = await outcome_of(job, call, releasing=releasing)
+    outcome = await outcome_of(job, call, releasing=releasing, cancel_requested=lambda: context.cancelled)
     return _stamped(outcome, job, started[0] if started else None)
 
 

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from . import logs, monitoring, queues, upkeep
 from .app import App
 from .database import redact
-from .errors import ConfigurationError, PgQueueError
+from .errors import ConfigurationError, JobFinishedError, PgQueueError
 from .models import describe_validation_error
 from .settings import Settings
 
@@ -147,7 +147,10 @@ def _parser() -> argparse.ArgumentParser:
     upkeep.add_commands(commands, _settings)
     queues.add_commands(commands, _settings)
 
-    for name, text in (("cancel", "cancel a queued job"), ("retry", "requeue a dead or cancelled job")):
+    for name, text in (
+        ("cancel", "cancel a job: at once when queued, by stopping its handler when running"),
+        ("retry", "requeue a dead or cancelled job"),
+    ):
         command = commands.add_parser(name, help=text)
         command.add_argument("job_id", type=_positive_int)
         command.set_defaults(handler=_cancel if name == "cancel" else _retry)
@@ -293,30 +296,33 @@ def _check(connection: psycopg.Connection[Any]) -> None:
     check_schema(connection)
 
 
-def _control(arguments: argparse.Namespace, action: str) -> int:
+def _cancel(arguments: argparse.Namespace) -> int:
     app = _plain_app(arguments)
     with psycopg.connect(app.dsn, autocommit=True) as connection:
         _check(connection)
-        done = (
-            app.cancel(arguments.job_id, connection)
-            if action == "cancel"
-            else app.retry(arguments.job_id, connection)
-        )
-        state = app.get_job(arguments.job_id, connection).state
-    if not done:
-        wanted = "queued" if action == "cancel" else "dead or cancelled"
-        _error(f"job {arguments.job_id} is {state}, not {wanted}: nothing done")
-        return EXIT_ERROR
-    print(f"job {arguments.job_id} {'cancelled' if action == 'cancel' else 'requeued'}")
+        try:
+            state = app.cancel(arguments.job_id, connection)
+        except JobFinishedError as error:
+            _error(str(error))
+            return EXIT_ERROR
+    if state == "cancelling":
+        print(f"job {arguments.job_id} is running: its worker was asked to stop it")
+    else:
+        print(f"job {arguments.job_id} cancelled")
     return 0
 
 
-def _cancel(arguments: argparse.Namespace) -> int:
-    return _control(arguments, "cancel")
-
-
 def _retry(arguments: argparse.Namespace) -> int:
-    return _control(arguments, "retry")
+    app = _plain_app(arguments)
+    with psycopg.connect(app.dsn, autocommit=True) as connection:
+        _check(connection)
+        done = app.retry(arguments.job_id, connection)
+        state = app.get_job(arguments.job_id, connection).state
+    if not done:
+        _error(f"job {arguments.job_id} is {state}, not dead or cancelled: nothing done")
+        return EXIT_ERROR
+    print(f"job {arguments.job_id} requeued")
+    return 0
 
 
 def _job(arguments: argparse.Namespace) -> int:

@@ -4,6 +4,9 @@ An outcome is flushed at once when no flush is in flight; outcomes that arrive w
 one is in flight wait for it and then go together in the next. So a busy worker
 writes hundreds of outcomes per statement, an idle one records each immediately,
 and a `kill -9` loses at most the outcomes of one round trip.
+
+Handlers' progress reports travel the same way: the last report of each job waits for
+the flush in flight, then goes (before the outcomes) in one `report_progress` call.
 """
 
 from __future__ import annotations
@@ -44,11 +47,18 @@ class Completer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._on_recorded = on_recorded
+        self._progress: dict[tuple[int, int], dict[str, Any]] = {}
         self.abandon = False
 
     def add(self, outcome: Outcome) -> None:
         self._pending.append(outcome)
         self._idle.clear()
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    def add_progress(self, job_id: int, attempt: int, report: dict[str, Any]) -> None:
+        """Store `report` as the job's progress with the next flush (a later one replaces it)."""
+        self._progress[job_id, attempt] = report
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
 
@@ -97,7 +107,11 @@ class Completer:
     async def _flush_loop(self) -> None:
         backoff = Backoff(cap=self._reconnect_max_delay)
         try:
-            while self._pending and not self.abandon:
+            while (self._pending or self._progress) and not self.abandon:
+                if self._progress:
+                    await self._write_progress()
+                if not self._pending:
+                    continue
                 self._in_flight, self._pending = self._pending, []
                 started = time.monotonic()
                 while not self.abandon:
@@ -157,6 +171,24 @@ class Completer:
             self._flusher = None
             if not self._pending or self.abandon:
                 self._idle.set()
+
+    async def _write_progress(self) -> None:
+        """Progress is a status line: a report that cannot be written is dropped (the next
+        one, or the outcome, tells more), never retried ahead of the outcomes."""
+        reports, self._progress = self._progress, {}
+        try:
+            await self._connection.fetch(
+                query("report_progress"),
+                {
+                    "worker": self._worker_id,
+                    "ids": [job_id for job_id, _ in reports],
+                    "attempts": [attempt for _, attempt in reports],
+                    "progress": [json.dumps(report) for report in reports.values()],
+                    "now": None,
+                },
+            )
+        except (DatabaseUnavailable, psycopg.Error) as error:
+            log.warning("could not store the progress of %d job(s): %s", len(reports), error)
 
     async def _recorded_before(
         self, batch: list[Outcome], rows: list[tuple[Any, ...]]

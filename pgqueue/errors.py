@@ -47,6 +47,26 @@ class JobNotFoundError(PgQueueError, LookupError):
     """No job has that id."""
 
 
+class JobFinishedError(PgQueueError):
+    """The job already ended (succeeded, dead or cancelled): it cannot be cancelled."""
+
+    def __init__(self, message: str, job_id: int, state: str) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+        self.state = state
+
+
+class JobFailedError(PgQueueError):
+    """`wait()` found the job dead-lettered or cancelled: `state` says which, `errors`
+    holds every attempt's error (the last one is in the message)."""
+
+    def __init__(self, message: str, job_id: int, state: str, errors: list[dict[str, object]]) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+        self.state = state
+        self.errors = errors
+
+
 class UnknownQueueError(PgQueueError, LookupError):
     """No job, registered task or live worker has a queue of that name."""
 

@@ -60,6 +60,16 @@ class JobFinished:
 
 
 @dataclass(frozen=True)
+class JobProgress:
+    """A handler reported progress; it is stored with the worker's next flush."""
+
+    worker: str
+    job_id: int
+    attempt: int
+    progress: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
 class OutcomesFlushed:
     """One `complete_jobs` call returned: `recorded` of `outcomes` were stored (the rest had
     lost their lease), in `seconds`."""
@@ -106,6 +116,7 @@ Event = (
     | WorkerStopped
     | JobStarted
     | JobFinished
+    | JobProgress
     | OutcomesFlushed
     | JobRescued
     | JobsClaimed
@@ -117,6 +128,7 @@ E = TypeVar(
     WorkerStopped,
     JobStarted,
     JobFinished,
+    JobProgress,
     OutcomesFlushed,
     JobRescued,
     JobsClaimed,

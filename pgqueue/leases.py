@@ -20,8 +20,9 @@ log = logging.getLogger("pgqueue")
 
 
 class Heartbeat:
-    """Every third of a lease: extend the leases of `held()` (job id, attempt) pairs, and
-    report the `running()` ones that are no longer this worker's."""
+    """Every third of a lease: extend the leases of `held()` (job id, attempt) pairs, report
+    the `running()` ones that are no longer this worker's, and those asked to stop (the
+    way a cancel request reaches a worker that does not LISTEN)."""
 
     def __init__(
         self,
@@ -32,6 +33,7 @@ class Heartbeat:
         held: Callable[[], list[tuple[int, int]]],
         running: Callable[[], set[tuple[int, int]]],
         lost: Callable[[set[tuple[int, int]]], None],
+        cancel: Callable[[set[int]], None],
         on_connect: Callable[[str, bool], None] | None = None,
     ) -> None:
         self._connection = WorkerConnection(
@@ -42,6 +44,7 @@ class Heartbeat:
         self._held = held
         self._running = running
         self._lost = lost
+        self._cancel = cancel
 
     def abort(self) -> None:
         """The worker is leaving: end a call in flight at once (see WorkerConnection.abort)."""
@@ -85,3 +88,6 @@ class Heartbeat:
         lost = (running_before & self._running()) - still_mine
         if lost:
             self._lost(lost)
+        cancel = {int(row[0]) for row in rows if row[3]}
+        if cancel:
+            self._cancel(cancel)

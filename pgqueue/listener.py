@@ -1,4 +1,5 @@
-"""The worker's LISTEN connection: wakes the claim loop when jobs of its queues arrive.
+"""The worker's LISTEN connection: wakes the claim loop when jobs of its queues arrive,
+and passes on cancel requests of running jobs.
 
 Polling stays the fallback (a lost notification, a pooler that cannot LISTEN, jobs
 that become due later). A silent network cut leaves a LISTEN socket open but deaf,
@@ -17,6 +18,7 @@ from .outcomes import describe
 log = logging.getLogger("pgqueue")
 
 CHANNEL = "pgqueue_jobs"
+CANCEL_CHANNEL = "pgqueue_cancel"  # payload: the id of a running job asked to stop
 
 
 class Listener:
@@ -31,11 +33,13 @@ class Listener:
         statement_timeout: float,
         poll_interval: float,
         reconnect_max_delay: float,
+        on_cancel: Callable[[set[int]], None],
         on_connect: Callable[[str, bool], None] | None = None,
     ) -> None:
         self._connection = WorkerConnection(dsn, "listen", statement_timeout, on_connect)
         self._served = set(queues)
         self._wake = wake
+        self._on_cancel = on_cancel
         self._poll_interval = poll_interval
         self._backoff = Backoff(cap=reconnect_max_delay)
         self._probe_every = max(1.0, min(5.0, statement_timeout))
@@ -64,6 +68,7 @@ class Listener:
 
     async def _listen(self) -> None:
         await self._connection.fetch(f"listen {CHANNEL}", {})
+        await self._connection.fetch(f"listen {CANCEL_CHANNEL}", {})
         connection = await self._connection.connect()
         if self._backoff.failures:
             log.info("LISTEN connection back")
@@ -71,6 +76,9 @@ class Listener:
         self._wake.set()  # notifications sent while we were away are lost: look now
         while True:
             async for notification in connection.notifies(timeout=self._probe_every):
-                if notification.payload in self._served:
+                if notification.channel == CANCEL_CHANNEL:
+                    if notification.payload.isdigit():
+                        self._on_cancel({int(notification.payload)})
+                elif notification.payload in self._served:
                     self._wake.set()
             await self._connection.fetch("select 1", {})

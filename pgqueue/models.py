@@ -163,15 +163,56 @@ class JobOptions(BaseModel):
 
 
 class JobId(int):
-    """A job's id, as enqueue returns it. `duplicate` is True when the job was not created
-    because another job holds its unique key: this is that job's id."""
+    """A job's id, as enqueue returns it, and a handle on the job.
+
+    `duplicate` is True when the job was not created because another job holds its
+    unique key: this is that job's id. From an app's enqueue, the handle reads the job
+    (`state()`, `progress()`, `job()`), waits for it (`wait()`, `wait_async()`) and
+    cancels it (`cancel()`), through the app's pool.
+    """
 
     duplicate: bool
+    _app: Any
 
-    def __new__(cls, value: int, duplicate: bool = False) -> JobId:
+    def __new__(cls, value: int, duplicate: bool = False, app: Any = None) -> JobId:
         job_id = super().__new__(cls, value)
         job_id.duplicate = duplicate
+        job_id._app = app
         return job_id
+
+    def _source(self) -> Any:
+        if self._app is None:
+            raise RuntimeError("this job id is not bound to an app: use app.get_job(id) / app.wait(id)")
+        return self._app
+
+    def job(self) -> Job:
+        """The job as stored now."""
+        return self._source().get_job(int(self))  # type: ignore[no-any-return]
+
+    def state(self) -> JobState:
+        return self.job().state
+
+    def progress(self) -> dict[str, Any] | None:
+        """The last progress its handler reported, or None."""
+        return self.job().progress
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """The job's result once it succeeded; JobFailedError when it ends dead or cancelled,
+        TimeoutError when it has not ended within `timeout` seconds."""
+        return self._source().wait(int(self), timeout)
+
+    async def wait_async(self, timeout: float | None = None) -> Any:
+        return await self._source().wait_async(int(self), timeout)
+
+    def cancel(self) -> str:
+        """See `App.cancel`: "cancelled" or "cancelling"."""
+        return self._source().cancel(int(self))  # type: ignore[no-any-return]
+
+    async def cancel_async(self) -> str:
+        return await self._source().cancel_async(int(self))  # type: ignore[no-any-return]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (JobId, (int(self), self.duplicate))
 
 
 def validate_options(values: dict[str, Any]) -> JobOptions:
@@ -224,6 +265,8 @@ class Job:
     errors: list[dict[str, Any]] = field(default_factory=list)
     # one entry per attempt that ran: attempt, worker, outcome, started_at, ended_at, seconds
     history: list[dict[str, Any]] = field(default_factory=list)
+    # the last progress its handler reported: current, total, percent, message, stage
+    progress: dict[str, Any] | None = None
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> Job:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from .context import Cancelled
 from .errors import InvalidJobError
 from .logs import job_fields
 from .models import MAX_DELAY_SECONDS, ClaimedJob
@@ -19,7 +20,7 @@ from .settings import Settings
 
 log = logging.getLogger("pgqueue")
 
-OutcomeKind = Literal["succeeded", "failed", "retry", "fatal", "released", "deferred"]
+OutcomeKind = Literal["succeeded", "failed", "retry", "fatal", "released", "deferred", "cancelled", "snoozed"]
 # A result is read back by whoever asks for it; beyond this it belongs in a table of its own.
 MAX_RESULT_BYTES = 10_000_000
 
@@ -46,6 +47,27 @@ class Retry(Exception):
     def __reduce__(self) -> tuple[type[Retry], tuple[float, str]]:
         # process-pool handlers raise it in a child: it must survive pickling intact
         return (Retry, (self.delay, self.reason))
+
+
+class Snooze(Exception):
+    """Raise in a handler to postpone its job by `delay` seconds without spending an attempt
+    and without recording an error ("not yet": a resource is busy, a file has not arrived).
+
+    `raise Snooze(60)` or `raise Snooze(timedelta(minutes=5))`. A job may snooze for as long
+    as it likes: bound it yourself when that matters.
+    """
+
+    def __init__(self, delay: float | timedelta) -> None:
+        seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
+        if not 0 <= seconds <= MAX_DELAY_SECONDS:
+            raise InvalidJobError(
+                f"Snooze delay must be 0 to {MAX_DELAY_SECONDS} seconds (10 years), got {delay!r}"
+            )
+        super().__init__(f"snoozed for {seconds:g}s")
+        self.delay = seconds
+
+    def __reduce__(self) -> tuple[type[Snooze], tuple[float]]:
+        return (Snooze, (self.delay,))
 
 
 class Fail(Exception):
@@ -78,16 +100,52 @@ class Outcome:
 
 
 async def outcome_of(
-    job: ClaimedJob, call: Callable[[], Awaitable[Any]], releasing: Callable[[], bool]
+    job: ClaimedJob,
+    call: Callable[[], Awaitable[Any]],
+    releasing: Callable[[], bool],
+    cancel_requested: Callable[[], bool] = lambda: False,
 ) -> Outcome:
     """Run `call` (the handler, with its timeout) and turn what it returns or raises into an Outcome.
 
     `releasing()` tells whether the worker is handing running jobs back at shutdown,
-    which is the one cancellation that is not the attempt's fault.
+    which is the one cancellation that is not the attempt's fault. Once
+    `cancel_requested()`, whatever failure ends the attempt (the handler's cancellation,
+    its own `Cancelled`, a killed child) ends the job `cancelled`; a handler that
+    returns a value all the same has done its work, and succeeds.
     """
+    try:
+        outcome = await _outcome_of(job, call, releasing)
+    except asyncio.CancelledError:
+        if not cancel_requested() or releasing():
+            raise
+        current = asyncio.current_task()
+        if current is not None:
+            current.uncancel()  # the cancellation was ours and ends here
+        return cancelled(job)
+    if outcome.kind in ("failed", "retry", "fatal") and cancel_requested():
+        return cancelled(job)
+    return outcome
+
+
+def cancelled(job: ClaimedJob) -> Outcome:
+    return Outcome(
+        job.id,
+        job.attempt,
+        "cancelled",
+        error={"kind": "cancelled", "error": "Cancelled: stopped while running", "traceback": None},
+    )
+
+
+async def _outcome_of(
+    job: ClaimedJob, call: Callable[[], Awaitable[Any]], releasing: Callable[[], bool]
+) -> Outcome:
     timeout = job.timeout_seconds
     try:
         result = await call()
+    except Snooze as request:
+        return Outcome(job.id, job.attempt, "snoozed", retry_in=request.delay)
+    except Cancelled:
+        return cancelled(job)
     except Retry as request:
         return failure(job, "retry", "retry", f"Retry: {request.reason}", retry_in=request.delay)
     except Fail as error:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -37,6 +38,7 @@ from .executors import Executors
 from .hooks import (
     Connected,
     JobFinished,
+    JobProgress,
     JobsClaimed,
     JobStarted,
     OutcomesFlushed,
@@ -95,6 +97,7 @@ class Worker:
         self.install_signal_handlers = install_signal_handlers
         self.jobs_done = 0
         self._running: dict[tuple[int, int], asyncio.Task[None]] = {}
+        self._contexts: dict[tuple[int, int], JobContext] = {}  # of the running jobs
         self._claim_uncertain = False  # a claim's reply was lost: some jobs may be ours unknowingly
         self._stopping = False
         self._forced = False
@@ -221,6 +224,7 @@ class Worker:
                 statement_timeout=settings.statement_timeout,
                 poll_interval=settings.poll_interval,
                 reconnect_max_delay=settings.reconnect_max_delay,
+                on_cancel=self._cancel_requested,
                 on_connect=self._connected,
             )
             jobs.append(("listen", listener.run()))
@@ -233,6 +237,7 @@ class Worker:
             held=lambda: [*self._running, *self._completer.unrecorded()],
             running=lambda: set(self._running),
             lost=self._leases_lost,
+            cancel=self._cancel_requested,
             on_connect=self._connected,
         )
         jobs.append(("heartbeat", heartbeat.run()))
@@ -357,7 +362,16 @@ class Worker:
 
     async def _execute(self, job: ClaimedJob) -> None:
         hooks = self.app.hooks
-        context = JobContext(job.id, job.task, job.queue, job.attempt, job.max_attempts, self.worker_id)
+        context = JobContext(
+            job.id,
+            job.task,
+            job.queue,
+            job.attempt,
+            job.max_attempts,
+            self.worker_id,
+            _report=functools.partial(self._progress_reported, job.id, job.attempt),
+        )
+        self._contexts[job.id, job.attempt] = context
         token = _current.set(context)
         started = time.monotonic()
         if log.isEnabledFor(logging.DEBUG):
@@ -372,6 +386,7 @@ class Worker:
         finally:
             _current.reset(token)
             self._running.pop((job.id, job.attempt), None)
+            self._contexts.pop((job.id, job.attempt), None)
             assert self._slot_freed
             self._slot_freed.set()
         seconds = time.monotonic() - started
@@ -381,6 +396,30 @@ class Worker:
         self._completer.add(outcome)
         if hooks.wants(JobFinished):
             hooks.emit(JobFinished(self.worker_id, job, outcome, seconds))
+
+    def _progress_reported(self, job_id: int, attempt: int, report: dict[str, Any]) -> None:
+        """From a handler, on any thread: store the report with the completer's next flush."""
+        assert self._loop
+        with contextlib.suppress(RuntimeError):  # the loop closed: the worker has ended
+            self._loop.call_soon_threadsafe(self._store_progress, job_id, attempt, report)
+
+    def _store_progress(self, job_id: int, attempt: int, report: dict[str, Any]) -> None:
+        self._completer.add_progress(job_id, attempt, report)
+        if self.app.hooks.wants(JobProgress):
+            self.app.hooks.emit(JobProgress(self.worker_id, job_id, attempt, report))
+
+    def _cancel_requested(self, job_ids: set[int]) -> None:
+        """Stop these jobs if they run here: cancel an async handler's task (a process
+        child is killed with it); a thread cannot be stopped, so its handler sees the flag."""
+        for key, context in list(self._contexts.items()):
+            if key[0] not in job_ids or context.cancelled:
+                continue
+            context._cancel.set()
+            task = self.app.tasks.get(context.task)
+            log.info("job %d (%s) cancelled while running: stopping it", key[0], context.task)
+            running = self._running.get(key)
+            if running is not None and (task is None or task.executor != "thread"):
+                running.cancel()
 
     def _leases_lost(self, attempts: set[tuple[int, int]]) -> None:
         """The heartbeat found these attempts no longer ours: stop them, their outcome would be void."""

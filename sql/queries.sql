@@ -49,9 +49,10 @@ select id, state, run_at from pgqueue.complete_jobs_v2(
 
 -- name: heartbeat
 -- Extend the leases of this worker's running jobs (skipping rows a completion is writing);
--- returns every id still this worker's, and whether its lease was extended.
-select id, attempt, extended
-from pgqueue.heartbeat_v2(%(worker)s, %(ids)s, %(attempts)s, %(lease_seconds)s, %(now)s)
+-- returns every id still this worker's, whether its lease was extended, and whether it
+-- has a cancel request.
+select id, attempt, extended, cancel
+from pgqueue.heartbeat_v3(%(worker)s, %(ids)s, %(attempts)s, %(lease_seconds)s, %(now)s)
 
 -- name: release_orphans
 -- Hand back jobs this worker holds but does not run (after a claim whose reply was lost).
@@ -76,14 +77,30 @@ select extract(epoch from min(run_at) - now())::double precision
 from pgqueue.active_jobs where state = 'queued' and queue = any(%(queues)s)
 
 -- name: get_job
--- One job by id.
-select id, task, args, queue, priority, state, attempt, max_attempts, run_at, timeout_seconds,
-       worker, lease_expires_at, created_at, started_at, finished_at, result, errors, history
-from pgqueue.jobs where id = %(id)s
+-- One job by id, with its last reported progress.
+select j.id, j.task, j.args, j.queue, j.priority, j.state, j.attempt, j.max_attempts, j.run_at,
+       j.timeout_seconds, j.worker, j.lease_expires_at, j.created_at, j.started_at, j.finished_at,
+       j.result, j.errors, j.history, p.progress
+from pgqueue.jobs j left join pgqueue.job_progress p on p.job_id = j.id
+where j.id = %(id)s
 
 -- name: cancel_job
 -- Cancel a queued job.
 select pgqueue.cancel_job(%(id)s)
+
+-- name: cancel
+-- Cancel a job: 'cancelled' (it was queued), 'cancelling' (it runs: its worker is told),
+-- 'already <state>' when it had ended, or null when there is no such job.
+select pgqueue.cancel(%(id)s)
+
+-- name: report_progress
+-- Store the last progress of jobs this worker runs.
+select pgqueue.report_progress(%(worker)s, %(ids)s, %(attempts)s, %(progress)s::jsonb[], %(now)s)
+
+-- name: prune_job_control
+-- Forget cancel requests of jobs no longer running (cancelling those back in the queue)
+-- and progress of jobs that no longer exist.
+select cancelled, forgotten from pgqueue.prune_job_control(%(limit)s)
 
 -- name: retry_job
 -- Requeue a dead or cancelled job.

@@ -74,7 +74,7 @@ def test_migrate_enqueue_status_job_cancel_and_retry(empty_dsn: str) -> None:
     cancelled = pgqueue("--dsn", empty_dsn, "cancel", str(job_id))
     assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
     twice = pgqueue("--dsn", empty_dsn, "cancel", str(job_id))
-    assert twice.returncode == 1 and "is cancelled, not queued" in twice.stderr
+    assert twice.returncode == 1 and "already ended (cancelled): nothing to cancel" in twice.stderr
     requeued = pgqueue("--dsn", empty_dsn, "retry", str(job_id))
     assert requeued.returncode == 0 and "requeued" in requeued.stdout
     missing = pgqueue("--dsn", empty_dsn, "retry", "999999")

@@ -36,6 +36,11 @@ async def prune_finished(connection: WorkerConnection) -> int:
         log.info("pruned %d finished job(s) past their retention", total)
     # unique keys whose job finished (or whose window ended): one bounded batch a round
     await connection.fetch(query("prune_job_keys"), {"limit": BATCH * ROUNDS})
+    # cancel requests of jobs no longer running (cancelling those released back to the
+    # queue), and the progress of jobs pruned above
+    rows = await connection.fetch(query("prune_job_control"), {"limit": BATCH * ROUNDS})
+    if rows and rows[0][0]:
+        log.info("cancelled %d job(s) that were released to the queue after a cancel request", rows[0][0])
     return total
 
 
