@@ -119,3 +119,10 @@ async def timed(seconds: float) -> None:
     await asyncio.sleep(seconds)
     with path.open("a") as log:
         log.write(f"end {current_job().id} {time.time()}\n")
+
+
+@app.task(name="cpu_until_cancelled", executor="process", max_attempts=1)
+def cpu_until_cancelled(marker: str) -> None:
+    """Runs until stopped; leaves its pid in `marker`."""
+    Path(marker).write_text(str(os.getpid()))
+    time.sleep(600)
