@@ -34,7 +34,9 @@ from .hooks import (
 from .migrate import check_schema, check_schema_async, migrate, migrate_async
 from .models import Job, JobId, JobOptions, JobState, Priority, RetryPolicy
 from .outcomes import Fail, Retry, Snooze
+from .periodic import InvalidScheduleError
 from .queues import QueueControl, QueueControls
+from .schedules import Schedule, Schedules, ScheduleState, UnknownScheduleError
 from .settings import Settings
 from .tasks import Task
 from .worker import Worker
@@ -48,6 +50,7 @@ __all__ = [
     "Fail",
     "Hooks",
     "InvalidJobError",
+    "InvalidScheduleError",
     "Job",
     "JobContext",
     "JobFailedError",
@@ -71,6 +74,9 @@ __all__ = [
     "QueueFull",
     "Retry",
     "RetryPolicy",
+    "Schedule",
+    "ScheduleState",
+    "Schedules",
     "SchemaError",
     "SchemaNotMigratedError",
     "SchemaTooNewError",
@@ -78,6 +84,7 @@ __all__ = [
     "Snooze",
     "Task",
     "UnknownQueueError",
+    "UnknownScheduleError",
     "UnknownTaskError",
     "Worker",
     "WorkerStarted",

@@ -17,6 +17,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from . import producer
+from . import schedules as scheduling
 from .database import redact, resolve_dsn
 from .errors import (
     ConfigurationError,
@@ -29,6 +30,7 @@ from .errors import (
 from .hooks import Hooks
 from .migrate import migrate, migrate_async, schema_required
 from .models import Job, JobId, JobOptions, JobState, RetryPolicy, validate_options, validate_task_name
+from .periodic import Missed
 from .plans import Plan, drive, drive_async
 from .queues import QueueControls
 from .settings import Settings
@@ -57,6 +59,8 @@ class App:
         if dsn is not None:
             self.settings = self.settings.model_copy(update={"dsn": dsn})
         self.tasks: dict[str, Task[..., Any]] = {}
+        # schedules declared with @app.periodic, stored by each worker at its start
+        self.periodic_schedules: dict[str, scheduling.Schedule] = {}
         self.hooks = Hooks()  # what its workers tell: see pgqueue.hooks
         self._dsn: str | None = None
         self._pool: ConnectionPool | None = None
@@ -139,6 +143,31 @@ class App:
             return created
 
         return register(function) if function is not None else register
+
+    def periodic(
+        self,
+        cron: str,
+        *,
+        name: str | None = None,
+        timezone: str = "UTC",
+        args: dict[str, Any] | None = None,
+        missed: Missed = "latest",
+        max_catch_up: int = 100,
+    ) -> Callable[[Any], Any]:
+        """Decorator: run a task at each tick of `cron` (5-field cron, @daily..., or
+        '@every 30s') in `timezone`, with `args`. Stored in the database by each worker at
+        its start; each tick runs once however many workers run. `missed` says what a
+        worker does with ticks nobody fired (every worker was down): "latest" runs the
+        latest once, "skip" runs none more than a minute late, "all" runs each (at most
+        `max_catch_up`). InvalidScheduleError at once for a bad expression."""
+        return scheduling.periodic(
+            self, cron, name=name, timezone=timezone, args=args, missed=missed, max_catch_up=max_catch_up
+        )
+
+    @property
+    def schedules(self) -> scheduling.Schedules:
+        """Add, pause, resume, remove and list schedules at run time (see pgqueue.schedules)."""
+        return scheduling.Schedules(self)
 
     @property
     def controls(self) -> QueueControls:

@@ -21,7 +21,7 @@ from .errors import (
     SchemaNotMigratedError,
     SchemaTooNewError,
 )
-from .plans import Plan, atomic, atomic_async, drive, drive_async
+from .plans import Plan, atomic, atomic_async, drive, drive_async, drive_worker
 from .sql import Migration, latest_version, migrations
 
 log = logging.getLogger("pgqueue")
@@ -206,17 +206,6 @@ async def check_schema_async(connection: psycopg.AsyncConnection[Any]) -> int:
 _UNREACHABLE: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, DatabaseUnavailable)
 
 
-async def _check_schema_within_timeout(connection: WorkerConnection) -> int:
-    plan, rows = _version_plan(), None
-    try:
-        while True:
-            statement, params = plan.send(rows)
-            rows = await connection.fetch(statement, params or ())
-    except StopIteration as finished:
-        version: int = finished.value
-        return version
-
-
 async def wait_for_schema(
     connection: WorkerConnection,
     reconnect_max_delay: float,
@@ -232,7 +221,7 @@ async def wait_for_schema(
             # each statement within the connection's timeout (a DatabaseUnavailable or a
             # TimeoutError): a link that dies during the check must not hold the worker's
             # start until TCP gives up on it
-            await _check_schema_within_timeout(connection)
+            await drive_worker(connection, _version_plan())
             return True
         except SchemaError:
             raise

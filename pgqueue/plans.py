@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Generator, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, nullcontext
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import psycopg
 from psycopg.pq import TransactionStatus
@@ -17,6 +17,14 @@ Rows = list[tuple[Any, ...]] | None
 Step = tuple[str, Sequence[Any] | dict[str, Any] | None]
 T = TypeVar("T")
 Plan = Generator[Step, Rows, T]
+
+
+class Fetcher(Protocol):
+    """What a worker's connection offers (pgqueue.connection.WorkerConnection)."""
+
+    async def fetch(
+        self, statement: str, params: dict[str, Any] | Sequence[Any], timeout: float | None = None
+    ) -> list[tuple[Any, ...]]: ...
 
 
 def drive(connection: psycopg.Connection[Any], plan: Plan[T]) -> T:
@@ -42,6 +50,18 @@ async def drive_async(connection: psycopg.AsyncConnection[Any], plan: Plan[T]) -
             cursor = connection.cursor(row_factory=psycopg.rows.tuple_row)
             await cursor.execute(statement, params)
             rows = await cursor.fetchall() if cursor.description is not None else None
+    except StopIteration as finished:
+        result: T = finished.value
+        return result
+
+
+async def drive_worker(connection: Fetcher, plan: Plan[T]) -> T:
+    """Run `plan` on a worker's connection (each statement within its timeout)."""
+    rows: Rows = None
+    try:
+        while True:
+            statement, params = plan.send(rows)
+            rows = await connection.fetch(statement, params or ())
     except StopIteration as finished:
         result: T = finished.value
         return result

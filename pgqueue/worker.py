@@ -248,6 +248,7 @@ class Worker:
             self.app.hooks,
             queues=self.queues,
             concurrency=self.concurrency,
+            schedules=list(self.app.periodic_schedules.values()),
             interval=min(settings.rescue_interval, settings.lease_seconds),
             statement_timeout=settings.statement_timeout,
             on_connect=self._connected,

@@ -322,3 +322,40 @@ from pgqueue.take_job_key(%(task)s, %(key)s, %(id)s, make_interval(secs => %(win
 -- name: prune_job_keys
 -- The leader forgets up to %(limit)s unique keys no job holds any more.
 select pgqueue.prune_job_keys(%(limit)s)
+
+-- name: declare_schedule
+-- Add or update a schedule (a changed expression or time zone is planned afresh).
+select pgqueue.declare_schedule(%(name)s, %(task)s, %(cron)s, %(timezone)s, %(args)s::jsonb, %(queue)s,
+    %(priority)s, %(max_attempts)s, %(timeout_seconds)s, %(missed)s, %(max_catch_up)s, %(source)s)
+
+-- name: pause_schedule
+select pgqueue.pause_schedule(%(name)s)
+
+-- name: resume_schedule
+select pgqueue.resume_schedule(%(name)s)
+
+-- name: remove_schedule
+select pgqueue.remove_schedule(%(name)s)
+
+-- name: list_schedules
+select name, task, cron, timezone, paused, missed, next_run_at, last_run_at, last_job_id, source
+from pgqueue.schedules order by name
+
+-- name: due_schedules
+-- Unpaused schedules whose next tick has come (or that were never planned), with the
+-- clock the pass uses (the database's unless injected).
+select name, cron, timezone, missed, max_catch_up, next_run_at, coalesce(%(now)s, now())
+from pgqueue.schedules
+where not paused and (next_run_at is null or next_run_at <= coalesce(%(now)s, now()))
+order by next_run_at nulls first
+limit %(limit)s
+
+-- name: fire_schedule
+-- Enqueue a schedule's ticks and move it on, if no other worker did first.
+select tick, job_id, duplicate
+from pgqueue.fire_schedule(%(name)s, %(expected)s, %(ticks)s::timestamptz[], %(next)s, %(window)s)
+
+-- name: next_schedule_in
+-- Seconds until the next tick of any unpaused schedule; null when there is none.
+select extract(epoch from min(coalesce(next_run_at, coalesce(%(now)s, now()))) - coalesce(%(now)s, now()))::double precision
+from pgqueue.schedules where not paused

@@ -10,6 +10,8 @@ import psycopg
 
 from ..connection import DatabaseUnavailable, WorkerConnection
 from ..hooks import Hooks
+from ..schedules import Schedule
+from .cron import Cron
 from .leader import Leadership
 from .presence import Presence, prune_sessions
 from .pruning import prune_finished
@@ -21,7 +23,8 @@ DUTY = "maintenance"
 
 
 class Maintenance:
-    """Every `interval` seconds: renew or take the lead, and if leading, run the duties.
+    """Every `interval` seconds: renew or take the lead, and if leading, run the duties;
+    then, leader or not, fire the periodic jobs that are due (waking for their ticks).
 
     The lead lasts three intervals, so a leader that died is replaced within that
     time, and a slow round does not lose it.
@@ -35,6 +38,7 @@ class Maintenance:
         *,
         queues: list[str],
         concurrency: int,
+        schedules: list[Schedule],
         interval: float,
         statement_timeout: float,
         on_connect: Callable[[str, bool], None] | None = None,
@@ -43,6 +47,7 @@ class Maintenance:
         self._interval = interval
         self._worker = worker
         self._hooks = hooks
+        self.cron = Cron(self._connection, schedules)
         self.leadership = Leadership(self._connection, DUTY, worker, term=3 * interval)
         # lost when not seen for three rounds, a round's calls given their full time
         self.presence = Presence(
@@ -57,7 +62,9 @@ class Maintenance:
         try:
             while True:
                 await self.round()
-                await asyncio.sleep(self._interval)
+                # sooner when a periodic job's tick comes first
+                tick = self.cron.next_tick_in
+                await asyncio.sleep(self._interval if tick is None else min(self._interval, tick + 0.001))
         finally:
             await self.stop()
 
@@ -79,6 +86,7 @@ class Maintenance:
             self.leadership.leading = False  # the lease may run out meanwhile: ask again
         except psycopg.Error:
             log.exception("maintenance round failed")
+        await self.cron.round()  # every worker's duty, leader or not
 
     async def stop(self) -> None:
         """Step down so another worker leads at once, say this worker stopped, close the connection."""
