@@ -19,8 +19,10 @@ from .errors import (
     UnknownQueueError,
     UnknownTaskError,
 )
+from .events import AsyncEventStream, EventStream, JobEvent
 from .hooks import (
     Connected,
+    EnqueueRefused,
     Hooks,
     JobFinished,
     JobProgress,
@@ -28,6 +30,7 @@ from .hooks import (
     JobsClaimed,
     JobStarted,
     OutcomesFlushed,
+    QueuesEmpty,
     WorkerStarted,
     WorkerStopped,
 )
@@ -43,16 +46,20 @@ from .worker import Worker
 
 __all__ = [
     "App",
+    "AsyncEventStream",
     "Cancelled",
     "ConfigurationError",
     "Connected",
     "DatabaseUnavailableError",
+    "EnqueueRefused",
+    "EventStream",
     "Fail",
     "Hooks",
     "InvalidJobError",
     "InvalidScheduleError",
     "Job",
     "JobContext",
+    "JobEvent",
     "JobFailedError",
     "JobFinished",
     "JobFinishedError",
@@ -72,6 +79,7 @@ __all__ = [
     "QueueControl",
     "QueueControls",
     "QueueFull",
+    "QueuesEmpty",
     "Retry",
     "RetryPolicy",
     "Schedule",

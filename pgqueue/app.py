@@ -11,30 +11,23 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any, Literal, ParamSpec, TypeVar, overload
+from typing import Any, ParamSpec, TypeVar, overload
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
-from . import producer
+from . import control, producer
 from . import schedules as scheduling
 from .database import redact, resolve_dsn
-from .errors import (
-    ConfigurationError,
-    DatabaseUnavailableError,
-    JobFailedError,
-    JobFinishedError,
-    JobNotFoundError,
-    UnknownTaskError,
-)
-from .hooks import Hooks
+from .errors import ConfigurationError, DatabaseUnavailableError, QueueFull, UnknownTaskError
+from .events import AsyncEventStream, EventStream
+from .hooks import EnqueueRefused, Hooks
 from .migrate import migrate, migrate_async, schema_required
 from .models import Job, JobId, JobOptions, JobState, RetryPolicy, validate_options, validate_task_name
 from .periodic import Missed
-from .plans import Plan, drive, drive_async
+from .plans import drive, drive_async
 from .queues import QueueControls
 from .settings import Settings
-from .sql import query
 from .tasks import Executor, Task
 
 log = logging.getLogger("pgqueue")
@@ -236,53 +229,55 @@ class App:
     def get_job(self, job_id: int, connection: Connection | None = None) -> Job:
         """The job with this id; raises JobNotFoundError."""
         with self._using(connection) as conn:
-            return drive(conn, _get_job_plan(job_id))
+            return drive(conn, control.get_job_plan(job_id))
 
     async def get_job_async(self, job_id: int, connection: AsyncConnection | None = None) -> Job:
         async with self._using_async(connection) as conn:
-            return await drive_async(conn, _get_job_plan(job_id))
+            return await drive_async(conn, control.get_job_plan(job_id))
 
-    def cancel(self, job_id: int, connection: Connection | None = None) -> CancelState:
+    def cancel(self, job_id: int, connection: Connection | None = None) -> control.CancelState:
         """Cancel a job: "cancelled" when it was queued (it will not run), "cancelling" when
         it runs (its worker stops it within a second when it LISTENs, else at its next
         heartbeat, and records it cancelled). JobFinishedError when it already ended,
         JobNotFoundError when there is no such job."""
         with self._using(connection) as conn:
-            return drive(conn, _cancel_plan(job_id))
+            return drive(conn, control.cancel_plan(job_id))
 
-    async def cancel_async(self, job_id: int, connection: AsyncConnection | None = None) -> CancelState:
+    async def cancel_async(
+        self, job_id: int, connection: AsyncConnection | None = None
+    ) -> control.CancelState:
         async with self._using_async(connection) as conn:
-            return await drive_async(conn, _cancel_plan(job_id))
+            return await drive_async(conn, control.cancel_plan(job_id))
 
     def wait(self, job_id: int, timeout: float | None = None) -> Any:
         """Wait for the job to end: its result when it succeeded; JobFailedError (with its
         errors) when it was dead-lettered or cancelled; TimeoutError after `timeout` seconds.
         It polls the job's row (a primary-key read), more slowly the longer it waits."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        for pause in _wait_pauses(deadline):
+        for pause in control.wait_pauses(deadline):
             job = self.get_job(job_id)
             if job.state not in (JobState.QUEUED, JobState.RUNNING):
-                return _ended(job)
+                return control.ended(job)
             time.sleep(pause)
         raise TimeoutError(f"job {job_id} did not finish within {timeout:g}s")
 
     async def wait_async(self, job_id: int, timeout: float | None = None) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
-        for pause in _wait_pauses(deadline):
+        for pause in control.wait_pauses(deadline):
             job = await self.get_job_async(job_id)
             if job.state not in (JobState.QUEUED, JobState.RUNNING):
-                return _ended(job)
+                return control.ended(job)
             await asyncio.sleep(pause)
         raise TimeoutError(f"job {job_id} did not finish within {timeout:g}s")
 
     def retry(self, job_id: int, connection: Connection | None = None) -> bool:
         """Requeue a dead-lettered or cancelled job; False if it is in another state."""
         with self._using(connection) as conn:
-            return drive(conn, _control_plan("retry_job", job_id))
+            return drive(conn, control.retry_plan(job_id))
 
     async def retry_async(self, job_id: int, connection: AsyncConnection | None = None) -> bool:
         async with self._using_async(connection) as conn:
-            return await drive_async(conn, _control_plan("retry_job", job_id))
+            return await drive_async(conn, control.retry_plan(job_id))
 
     def migrate(self, connection: Connection | None = None) -> list[int]:
         """Apply pending migrations (inside `connection`'s transaction when given)."""
@@ -296,6 +291,13 @@ class App:
             return await migrate_async(connection)
         async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
             return await migrate_async(conn)
+
+    def subscribe(self) -> EventStream:
+        """Listen to lifecycle events (once they are on: `pgqueue events on`); see pgqueue.events."""
+        return EventStream(self.dsn, self.settings.connect_timeout)
+
+    async def subscribe_async(self) -> AsyncEventStream:
+        return await AsyncEventStream.connect(self.dsn, self.settings.connect_timeout)
 
     # -- connections ---------------------------------------------------------------
 
@@ -346,7 +348,7 @@ class App:
                 f"expected a psycopg.Connection (or None for the app's pool), got "
                 f"{type(connection).__name__}: use the *_async methods with an AsyncConnection"
             )
-        with schema_required():
+        with schema_required(), self._refusals():
             if connection is not None:
                 yield connection
             else:
@@ -360,13 +362,21 @@ class App:
                 f"expected a psycopg.AsyncConnection (or None for the app's pool), got "
                 f"{type(connection).__name__}: use the methods without _async with a Connection"
             )
-        with schema_required():
+        with schema_required(), self._refusals():
             if connection is not None:
                 yield connection
             else:
                 with self._pool_errors():
                     async with (await self.async_pool()).connection() as conn:
                         yield conn
+
+    @contextmanager
+    def _refusals(self) -> Iterator[None]:
+        try:
+            yield
+        except QueueFull as full:
+            self.hooks.emit(EnqueueRefused(full.queue, full.depth, full.max_depth))
+            raise
 
     @contextmanager
     def _pool_errors(self) -> Iterator[None]:
@@ -396,57 +406,6 @@ class App:
 
     def __exit__(self, *_: object) -> None:
         self.close()
-
-
-def _get_job_plan(job_id: int) -> Plan[Job]:
-    rows = yield query("get_job"), {"id": job_id}
-    if not rows:
-        raise JobNotFoundError(f"no job with id {job_id}")
-    return Job.from_row(rows[0])
-
-
-CancelState = Literal["cancelled", "cancelling"]
-
-
-def _cancel_plan(job_id: int) -> Plan[CancelState]:
-    rows = yield query("cancel"), {"id": job_id}
-    state = rows[0][0] if rows else None
-    if state is None:
-        raise JobNotFoundError(f"no job with id {job_id}")
-    if state in ("cancelled", "cancelling"):
-        return state  # type: ignore[no-any-return]
-    ended = str(state).removeprefix("already ")
-    raise JobFinishedError(f"job {job_id} already ended ({ended}): nothing to cancel", job_id, ended)
-
-
-def _wait_pauses(deadline: float | None) -> Iterator[float]:
-    """Pauses between looks at a job: 10 ms at first, up to half a second; none past `deadline`."""
-    pause = 0.01
-    while True:
-        left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left <= 0:
-            yield 0.0  # one last look
-            return
-        yield pause if left is None else min(pause, left)
-        pause = min(pause * 1.5, 0.5)
-
-
-def _ended(job: Job) -> Any:
-    if job.state == JobState.SUCCEEDED:
-        return job.result
-    last = job.errors[-1]["error"] if job.errors else "no error recorded"
-    message = f"job {job.id} ({job.task}) ended {job.state}: {last}"
-    raise JobFailedError(message, job.id, job.state, job.errors)
-
-
-def _control_plan(name: Literal["retry_job"], job_id: int) -> Plan[bool]:
-    rows = yield query(name), {"id": job_id}
-    if rows and rows[0][0]:
-        return True
-    exists = yield query("job_state"), {"id": job_id}
-    if not exists:
-        raise JobNotFoundError(f"no job with id {job_id}")
-    return False
 
 
 def _module_name(target: Callable[..., Any]) -> str:

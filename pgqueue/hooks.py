@@ -102,6 +102,24 @@ class JobsClaimed:
 
 
 @dataclass(frozen=True)
+class QueuesEmpty:
+    """A worker's claim found nothing due in its queues after it had found jobs: its
+    backlog is drained (jobs may still be running, or scheduled for later)."""
+
+    worker: str
+    queues: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class EnqueueRefused:
+    """A producer's enqueue was refused because the queue is full (QueueFull was raised)."""
+
+    queue: str
+    depth: int
+    max_depth: int
+
+
+@dataclass(frozen=True)
 class Connected:
     """One of the worker's connections (`role`: claim, complete, heartbeat, maintenance,
     listen) was opened; `reconnect` when it replaces one that was lost."""
@@ -120,6 +138,8 @@ Event = (
     | OutcomesFlushed
     | JobRescued
     | JobsClaimed
+    | QueuesEmpty
+    | EnqueueRefused
     | Connected
 )
 E = TypeVar(
@@ -132,6 +152,8 @@ E = TypeVar(
     OutcomesFlushed,
     JobRescued,
     JobsClaimed,
+    QueuesEmpty,
+    EnqueueRefused,
     Connected,
 )
 

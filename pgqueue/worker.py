@@ -42,6 +42,7 @@ from .hooks import (
     JobsClaimed,
     JobStarted,
     OutcomesFlushed,
+    QueuesEmpty,
     WorkerStarted,
     WorkerStopped,
 )
@@ -98,6 +99,7 @@ class Worker:
         self.jobs_done = 0
         self._running: dict[tuple[int, int], asyncio.Task[None]] = {}
         self._contexts: dict[tuple[int, int], JobContext] = {}  # of the running jobs
+        self._found_jobs = False  # the last claim returned jobs (for QueuesEmpty)
         self._claim_uncertain = False  # a claim's reply was lost: some jobs may be ours unknowingly
         self._stopping = False
         self._forced = False
@@ -308,8 +310,13 @@ class Worker:
             backoff.reset()
             for job in claimed:
                 self._start(job)
+            if rows:
+                self._found_jobs = True
             if len(rows) == free:
                 continue
+            if not rows and self._found_jobs:
+                self._found_jobs = False
+                hooks.emit(QueuesEmpty(self.worker_id, tuple(self.queues)))
             if not rows and self.burst and not self._running and await self._queues_drained():
                 log.info("worker %s: queues empty, burst mode ends", self.worker_id)
                 return
