@@ -38,6 +38,12 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="a running job is rescued this long after its last heartbeat"
     )
     rescue_interval: float = Field(default=5.0, gt=0, description="seconds between rescue sweeps")
+    priority_aging: float | None = Field(
+        default=300.0,
+        gt=0,
+        description="seconds a due job may wait before the maintenance leader promotes it to the top "
+        "priority waiting in its queue (no starvation of low priorities); unset (none) turns it off",
+    )
     shutdown_grace: float = Field(
         default=30.0, ge=0, description="seconds running jobs get to finish after SIGTERM/SIGINT"
     )
@@ -102,4 +108,14 @@ class Settings(BaseSettings):
         # PGQUEUE_QUEUES=emails,reports reads as a list, like --queues on the command line
         if isinstance(value, str):
             return [name.strip() for name in value.split(",") if name.strip()] or None
+        return value
+
+    @field_validator("priority_aging", mode="before")
+    @classmethod
+    def _aging_off(cls, value: object) -> object:
+        # PGQUEUE_PRIORITY_AGING=off (or none, or 0) turns aging off
+        if isinstance(value, str) and value.strip().lower() in ("", "off", "none", "0"):
+            return None
+        if value == 0:
+            return None
         return value

@@ -251,6 +251,7 @@ class Worker:
             queues=self.queues,
             concurrency=self.concurrency,
             schedules=list(self.app.periodic_schedules.values()),
+            priority_aging=settings.priority_aging,
             interval=min(settings.rescue_interval, settings.lease_seconds),
             statement_timeout=settings.statement_timeout,
             on_connect=self._connected,

@@ -359,3 +359,7 @@ from pgqueue.fire_schedule(%(name)s, %(expected)s, %(ticks)s::timestamptz[], %(n
 -- Seconds until the next tick of any unpaused schedule; null when there is none.
 select extract(epoch from min(coalesce(next_run_at, coalesce(%(now)s, now()))) - coalesce(%(now)s, now()))::double precision
 from pgqueue.schedules where not paused
+
+-- name: age_priorities
+-- Promote jobs due for longer than %(after)s to the top priority waiting in their queue.
+select pgqueue.age_priorities(make_interval(secs => %(after)s), %(limit)s)

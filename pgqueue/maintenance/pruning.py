@@ -60,3 +60,13 @@ def prune_now(connection: psycopg.Connection[Any], dry_run: bool = False) -> lis
             totals[str(state), str(queue)] = totals.get((str(state), str(queue)), 0) + int(jobs)
         if dry_run or not any(int(row[2]) >= BATCH for row in rows):
             return [(state, queue, jobs) for (state, queue), jobs in sorted(totals.items())]
+
+
+async def age_priorities(connection: WorkerConnection, after: float) -> int:
+    """Promote jobs due for longer than `after` seconds to the top priority of their queue
+    (migration 0016): a bounded batch a round."""
+    rows = await connection.fetch(query("age_priorities"), {"after": after, "limit": BATCH})
+    aged = int(rows[0][0]) if rows else 0
+    if aged:
+        log.info("promoted %d job(s) waiting longer than %gs to their queue's top priority", aged, after)
+    return aged

@@ -14,7 +14,7 @@ from ..schedules import Schedule
 from .cron import Cron
 from .leader import Leadership
 from .presence import Presence, prune_sessions
-from .pruning import prune_finished
+from .pruning import age_priorities, prune_finished
 from .rescue import rescue_expired
 
 log = logging.getLogger("pgqueue")
@@ -39,6 +39,7 @@ class Maintenance:
         queues: list[str],
         concurrency: int,
         schedules: list[Schedule],
+        priority_aging: float | None,
         interval: float,
         statement_timeout: float,
         on_connect: Callable[[str, bool], None] | None = None,
@@ -48,6 +49,7 @@ class Maintenance:
         self._worker = worker
         self._hooks = hooks
         self.cron = Cron(self._connection, schedules)
+        self._priority_aging = priority_aging
         self.leadership = Leadership(self._connection, DUTY, worker, term=3 * interval)
         # lost when not seen for three rounds, a round's calls given their full time
         self.presence = Presence(
@@ -82,6 +84,8 @@ class Maintenance:
                 await rescue_expired(self._connection, self._worker, self._hooks)
                 await prune_sessions(self._connection)
                 await prune_finished(self._connection)
+                if self._priority_aging is not None:
+                    await age_priorities(self._connection, self._priority_aging)
         except DatabaseUnavailable:
             self.leadership.leading = False  # the lease may run out meanwhile: ask again
         except psycopg.Error:
