@@ -39,6 +39,7 @@ class QueueControl:
     burst: int | None
     running: int
     max_depth: int | None = None
+    max_per_worker: int | None = None
 
 
 class QueueLimits(BaseModel):
@@ -51,6 +52,7 @@ class QueueLimits(BaseModel):
     rate_per_second: float | None = Field(default=None, gt=0, le=1_000_000, allow_inf_nan=False)
     burst: int | None = Field(default=None, ge=1)
     max_depth: int | None = Field(default=None, ge=1)
+    max_per_worker: int | None = Field(default=None, ge=1)
 
     @field_validator("queue")
     @classmethod
@@ -96,8 +98,8 @@ def _limit_plan(limits: QueueLimits) -> Plan[None]:
 def _list_plan() -> Plan[list[QueueControl]]:
     rows = yield query("queue_controls"), None
     return [
-        QueueControl(str(q), bool(p), m, float(r) if r is not None else None, b, int(n), d)
-        for q, p, m, r, b, n, d in rows or []
+        QueueControl(str(q), bool(p), m, float(r) if r is not None else None, b, int(n), d, w)
+        for q, p, m, r, b, n, d, w in rows or []
     ]
 
 
@@ -124,17 +126,21 @@ class QueueControls:
         rate_per_second: float | None = None,
         burst: int | None = None,
         max_depth: int | None = None,
+        max_per_worker: int | None = None,
         connection: psycopg.Connection[Any] | None = None,
     ) -> None:
         """At most `max_running` jobs of `queue` running at once, and `rate_per_second` started
         per second (bursts up to `burst`, default one second's worth), across all workers;
-        at most `max_depth` waiting (an enqueue past it raises QueueFull). None lifts that limit."""
+        at most `max_depth` waiting (an enqueue past it raises QueueFull); at most
+        `max_per_worker` running in each worker. None lifts that limit; each worker applies
+        the new limits at its next claim."""
         limits = _checked(
             queue=queue,
             max_running=max_running,
             rate_per_second=rate_per_second,
             burst=burst,
             max_depth=max_depth,
+            max_per_worker=max_per_worker,
         )
         self._run(_limit_plan(limits), connection)
 
@@ -157,6 +163,7 @@ class QueueControls:
         rate_per_second: float | None = None,
         burst: int | None = None,
         max_depth: int | None = None,
+        max_per_worker: int | None = None,
         connection: psycopg.AsyncConnection[Any] | None = None,
     ) -> None:
         limits = _checked(
@@ -165,6 +172,7 @@ class QueueControls:
             rate_per_second=rate_per_second,
             burst=burst,
             max_depth=max_depth,
+            max_per_worker=max_per_worker,
         )
         await self._run_async(_limit_plan(limits), connection)
 
@@ -210,6 +218,12 @@ def add_commands(commands: Any, settings: Callable[..., Settings]) -> None:
         default=None,
         help="jobs waiting at most (past it, enqueue: QueueFull)",
     )
+    action.add_argument(
+        "--max-per-worker",
+        type=_optional(int),
+        default=None,
+        help="jobs running at most in each worker, or 'none'",
+    )
     actions.add_parser("list", help="the queues with controls")
     command.set_defaults(handler=lambda arguments: _queue_command(arguments, settings(arguments)))
 
@@ -237,18 +251,20 @@ def _queue_command(arguments: argparse.Namespace, settings: Settings) -> int:
                 rate_per_second=arguments.rate,
                 burst=arguments.burst,
                 max_depth=arguments.max_depth,
+                max_per_worker=arguments.max_per_worker,
                 connection=connection,
             )
         controls = app.controls.all(connection)
     print(
         f"{'queue':<20} {'paused':<7} {'max running':<12} {'rate/s':<10} {'burst':<6} "
-        f"{'running':<8} max depth"
+        f"{'running':<8} {'max depth':<10} max per worker"
     )
     for control in controls:
         print(
             f"{control.queue:<20} {'yes' if control.paused else 'no':<7} "
             f"{_shown(control.max_running):<12} {_shown(control.rate_per_second):<10} "
-            f"{_shown(control.burst):<6} {control.running:<8} {_shown(control.max_depth)}"
+            f"{_shown(control.burst):<6} {control.running:<8} {_shown(control.max_depth):<10} "
+            f"{_shown(control.max_per_worker)}"
         )
     if not controls:
         print("(no queue has controls: every queue runs unpaused and unlimited)")

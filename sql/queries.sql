@@ -304,13 +304,14 @@ select pgqueue.pause_queue(%(queue)s)
 select pgqueue.resume_queue(%(queue)s)
 
 -- name: limit_queue
--- Set (NULL: lift) a queue's limits across all workers: running jobs, starts per second, depth.
+-- Set (NULL: lift) a queue's limits: running jobs across all workers, starts per second,
+-- depth, and running jobs in each worker.
 select pgqueue.limit_queue(%(queue)s, %(max_running)s::integer, %(rate_per_second)s::double precision,
-                           %(burst)s::integer, %(max_depth)s::integer)
+                           %(burst)s::integer, %(max_depth)s::integer, %(max_per_worker)s::integer)
 
 -- name: queue_controls
 -- The queues with controls, and their running jobs.
-select queue, paused, max_running, rate_per_second, burst, running, max_depth
+select queue, paused, max_running, rate_per_second, burst, running, max_depth, max_per_worker
 from pgqueue.queue_controls order by queue
 
 -- name: take_job_key

@@ -160,7 +160,7 @@ def test_queue_controls_refuse_unknown_queues_and_impossible_limits(
     assert zero.returncode == 2 and "max_running" in zero.stderr
     limited = pgqueue("limit", "known", "--max-running", "4", "--rate", "2.5")
     assert limited.returncode == 0, limited.stderr
-    assert limited.stdout.splitlines()[1].split() == ["known", "no", "4", "2.5", "3", "0", "-"]
+    assert limited.stdout.splitlines()[1].split() == ["known", "no", "4", "2.5", "3", "0", "-", "-"]
     lifted = pgqueue("limit", "known", "--max-running", "none")
     assert lifted.returncode == 0 and "no queue has controls" in lifted.stdout
     down = subprocess.run(
@@ -247,3 +247,86 @@ def test_an_enqueue_past_a_queues_maximum_depth_is_refused_with_queue_full(
     make.enqueue(None, n=7)  # lifted
     with pytest.raises(ConfigurationError, match="max_depth"):
         app.controls.limit("thumbnails", max_depth=0)
+
+
+@pytest.mark.slow
+def test_a_limit_near_the_workers_slots_holds_while_claims_overlap(
+    dsn: str, sample: App, worker_processes: WorkerProcesses
+) -> None:
+    # 3 workers x 4 slots = 12 against a limit of 10: the limit can bind, so claims count
+    # exactly (and overlap only while it cannot, see the test below)
+    ids = sample_app.timed.enqueue_many(None, [{"seconds": 0.05}] * 200)
+    sample.controls.limit("limited", max_running=10)
+    workers = [worker_processes.start(dsn, "--concurrency", "4") for _ in range(3)]
+    states = wait_for_states(dsn, ids, ["succeeded"], timeout=120)
+    assert set(states.values()) == {"succeeded"}
+    for worker in workers:
+        stop(worker)
+    peak = most_at_once(list(handler_times(worker_processes).values()))
+    assert 4 < peak <= 10  # more than one worker's worth ran at once, never past the limit
+
+
+def test_claims_overlap_while_a_limit_cannot_bind_and_take_turns_when_it_can(
+    connection: psycopg.Connection[Any], dsn: str
+) -> None:
+    connection.execute("select pgqueue.enqueue('t', queue => 'capped') from generate_series(1, 20)")
+    for worker in ("w1", "w2"):
+        connection.execute(
+            "select pgqueue.worker_seen(%s, 'host', 1, array['capped'], 5, 'test', 60)", (worker,)
+        )
+
+    def blocked_while_w1_claims(max_running: int) -> bool:
+        """Does w2's claim wait for w1's claim transaction (still open) to end?"""
+        connection.execute("select pgqueue.limit_queue('capped', %s, null)", (max_running,))
+        with psycopg.connect(dsn) as first, psycopg.connect(dsn) as second:
+            first.execute("select * from pgqueue.claim_jobs('w1', array['capped'], 5, 30)")
+            second.execute("set lock_timeout = '300ms'")
+            try:
+                second.execute("select * from pgqueue.claim_jobs('w2', array['capped'], 5, 30)")
+            except psycopg.errors.LockNotAvailable:
+                return True
+            finally:
+                second.rollback()
+                first.rollback()
+        return False
+
+    # 2 live workers x 5 slots + 0 running <= 100: the limit cannot bind, claims overlap
+    assert not blocked_while_w1_claims(100)
+    # 10 slots against a limit of 8: w2 must see what w1 takes, so it waits
+    assert blocked_while_w1_claims(8)
+
+
+def test_a_cap_per_worker_changed_at_run_time(new_app: Callable[..., App]) -> None:
+    import threading
+    import time
+
+    app = new_app(poll_interval=0.1)
+    lock = threading.Lock()
+    running: dict[str, int] = {}
+    peaks: dict[str, int] = {}
+    release = threading.Event()
+
+    @app.task(name="capped_job", queue="per_worker")
+    def capped_job() -> None:
+        from pgqueue import current_job
+
+        worker = current_job().worker
+        with lock:
+            running[worker] = running.get(worker, 0) + 1
+            peaks[worker] = max(peaks.get(worker, 0), running[worker])
+        release.wait(0.2)
+        time.sleep(0.02)
+        with lock:
+            running[worker] -= 1
+
+    ids = capped_job.enqueue_many(None, [{}] * 40)
+    app.controls.limit("per_worker", max_per_worker=2)
+    with running_worker(app, concurrency=8), running_worker(app, concurrency=8):
+        wait_for_states(app.dsn, ids[:20], ["succeeded"], timeout=60)
+        assert len(peaks) == 2 and max(peaks.values()) == 2  # each worker, never more than 2
+        app.controls.limit("per_worker", max_per_worker=5)  # raised while they run
+        peaks.clear()
+        wait_for_states(app.dsn, ids, ["succeeded"], timeout=60)
+    assert max(peaks.values()) > 2 and max(peaks.values()) <= 5
+    with pytest.raises(ConfigurationError, match="max_per_worker"):
+        app.controls.limit("per_worker", max_per_worker=0)

@@ -545,13 +545,13 @@ def test_command_line_line_by_line(dsn: str, tmp_path: Path, new_app: Callable[.
                 assert stdout.strip() == f"job {job_id} cancelled"
                 assert (before[int(job_id)], after[int(job_id)]) == ("queued", "cancelled")
             case ["queue", "pause", queue]:
-                assert stdout.splitlines()[1].split() == [queue, "yes", "-", "-", "-", "0", "-"]
+                assert stdout.splitlines()[1].split() == [queue, "yes", "-", "-", "-", "0", "-", "-"]
             case ["queue", "resume", _]:
                 assert "no queue has controls" in stdout
             case ["queue", "limit", queue, *_]:
-                assert stdout.splitlines()[1].split() == [queue, "no", "3", "50", "50", "0", "-"]
+                assert stdout.splitlines()[1].split() == [queue, "no", "3", "50", "50", "0", "-", "-"]
             case ["queue", "list"]:
-                assert stdout.splitlines()[1].split() == ["emails", "no", "3", "50", "50", "0", "-"]
+                assert stdout.splitlines()[1].split() == ["emails", "no", "3", "50", "50", "0", "-", "-"]
             case _:
                 raise AssertionError(f"no check for `pgqueue {shlex.join(arguments)}`")
 
