@@ -117,7 +117,13 @@ def table(b: Bench) -> str:
     limits = r.get("limits")
     if limits:
         plain = limits["none"]["median"]
-        for name, text in (("max_running", "a global limit of 400 running"), ("rate", "a rate limit")):
+        for name, text in (
+            ("max_running", "a global limit of 1,000 running (cannot bind)"),
+            ("max_running_400", "a global limit of 400 running (= the slots)"),
+            ("rate", "a rate limit"),
+        ):
+            if name not in limits:
+                continue  # a run of an earlier version
             share = limits[name]["median"] / plain
             rows.append(
                 (
