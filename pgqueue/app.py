@@ -19,6 +19,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 from . import control, producer
 from . import schedules as scheduling
 from .database import redact, resolve_dsn
+from .eager import EagerRunner
 from .errors import ConfigurationError, DatabaseUnavailableError, QueueFull, UnknownTaskError
 from .events import AsyncEventStream, EventStream
 from .hooks import EnqueueRefused, Hooks
@@ -54,6 +55,8 @@ class App:
         self.tasks: dict[str, Task[..., Any]] = {}
         # schedules declared with @app.periodic, stored by each worker at its start
         self.periodic_schedules: dict[str, scheduling.Schedule] = {}
+        # set by pgqueue.testing.eager: enqueues run their job at once, in the caller
+        self.eager: EagerRunner | None = None
         self.hooks = Hooks()  # what its workers tell: see pgqueue.hooks
         self._dsn: str | None = None
         self._pool: ConnectionPool | None = None
@@ -205,22 +208,30 @@ class App:
         return await self.insert_async(connection, job)
 
     def insert(self, connection: Connection | None, job: producer.PreparedJob) -> JobId:
+        if self.eager is not None:
+            return self.eager.run(job)
         with self._using(connection) as conn:
             job_id = producer.insert(conn, job)
         return JobId(job_id, job_id.duplicate, self)
 
     async def insert_async(self, connection: AsyncConnection | None, job: producer.PreparedJob) -> JobId:
+        if self.eager is not None:
+            return await self.eager.run_async(job)
         async with self._using_async(connection) as conn:
             job_id = await producer.insert_async(conn, job)
         return JobId(job_id, job_id.duplicate, self)
 
     def insert_many(self, connection: Connection | None, jobs: list[producer.PreparedJob]) -> list[int]:
+        if self.eager is not None:
+            return [self.eager.run(job) for job in jobs]
         with self._using(connection) as conn:
             return producer.insert_many(conn, jobs)
 
     async def insert_many_async(
         self, connection: AsyncConnection | None, jobs: list[producer.PreparedJob]
     ) -> list[int]:
+        if self.eager is not None:
+            return [await self.eager.run_async(job) for job in jobs]
         async with self._using_async(connection) as conn:
             return await producer.insert_many_async(conn, jobs)
 

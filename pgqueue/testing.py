@@ -14,6 +14,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from .app import App
+from .eager import EagerJob, EagerRunner
 from .migrate import migrate
 from .worker import Worker
 
@@ -51,6 +52,19 @@ def create_migrated_database(server_dsn: str, prefix: str = "pgqueue_template") 
     with psycopg.connect(database_dsn(server_dsn, name), autocommit=True) as connection:
         migrate(connection)
     return name
+
+
+@contextlib.contextmanager
+def eager(app: App) -> Iterator[list[EagerJob]]:
+    """Within the block, enqueues of `app`'s tasks run their job at once, in the caller, with
+    no database and no worker (see pgqueue.eager for what that keeps and leaves out).
+    Yields the list of jobs run, which grows as the block enqueues."""
+    runner = EagerRunner(app)
+    previous, app.eager = app.eager, runner
+    try:
+        yield runner.ran
+    finally:
+        app.eager = previous
 
 
 @contextlib.contextmanager
