@@ -42,6 +42,7 @@ import pytest
 from pgqueue import App, Fail, InvalidJobError, Priority
 from pgqueue.testing import running_worker, wait_for_states
 from tests.conftest import REPOSITORY, pgqueue_command, subprocess_environment
+from tests.processes import WorkerProcesses
 
 README = REPOSITORY / "README.md"
 LANGUAGES = {"python", "sql", "sh", ""}
@@ -54,8 +55,16 @@ ENQUEUE_EXAMPLE: SnippetKey = ("Using it", "python", 1)
 FROM_SQL: SnippetKey = ("Using it", "sql", 0)
 QUICK_START: SnippetKey = ("Quick start", "sh", 0)
 COMMAND_LINE: SnippetKey = ("Command line", "sh", 0)
-TESTING_CONFTEST: SnippetKey = ("Testing your own tasks", "python", 0)
-TESTING_TEST: SnippetKey = ("Testing your own tasks", "python", 1)
+EAGER_TEST: SnippetKey = ("Testing your own tasks", "python", 0)
+TESTING_CONFTEST: SnippetKey = ("Testing your own tasks", "python", 1)
+TESTING_TEST: SnippetKey = ("Testing your own tasks", "python", 2)
+FOLLOWING: str = "Following a job: handles, progress, results, cancelling"
+REPORTS_MODULE: SnippetKey = (FOLLOWING, "python", 0)
+HANDLES_EXAMPLE: SnippetKey = (FOLLOWING, "python", 1)
+PERIODIC_MODULE: SnippetKey = ("Periodic jobs", "python", 0)
+SCHEDULES_ADD: SnippetKey = ("Periodic jobs", "python", 1)
+CRON_COMMANDS: SnippetKey = ("Periodic jobs", "sh", 0)
+EVENTS_EXAMPLE: SnippetKey = ("Lifecycle events", "python", 0)
 HOOKS_EXAMPLE: SnippetKey = ("Hooks", "python", 0)
 HISTORY_SQL: SnippetKey = ("Watching it", "sql", 0)
 
@@ -66,7 +75,14 @@ RUN_HERE: dict[SnippetKey, str] = {
     FROM_SQL: "test_from_sql_enqueue_redrive_cancel_and_inspect",
     QUICK_START: "test_quick_start_demo",
     COMMAND_LINE: "test_command_line_line_by_line",
+    EAGER_TEST: "test_the_testing_helpers_example_passes_as_a_users_suite",
     TESTING_CONFTEST: "test_the_testing_helpers_example_passes_as_a_users_suite",
+    REPORTS_MODULE: "written to myproject/reports.py by the tests of the handles and events examples",
+    HANDLES_EXAMPLE: "test_a_handle_waits_reads_progress_and_cancels",
+    PERIODIC_MODULE: "test_periodic_jobs_declared_added_and_listed",
+    SCHEDULES_ADD: "test_periodic_jobs_declared_added_and_listed",
+    CRON_COMMANDS: "test_periodic_jobs_declared_added_and_listed",
+    EVENTS_EXAMPLE: "test_the_events_example_sees_its_job_end",
     TESTING_TEST: "test_the_testing_helpers_example_passes_as_a_users_suite",
     HOOKS_EXAMPLE: "test_the_hooks_example_counts_what_a_worker_finished",
     HISTORY_SQL: "test_the_history_questions_answer_from_a_real_run (plans: test_observability.py)",
@@ -89,8 +105,11 @@ RUNNABLE_SUBCOMMANDS: dict[SnippetKey, frozenset[str]] = {
             "dead",
             "retry",
             "cancel",
+            "cron",
+            "events",
         }
     ),
+    CRON_COMMANDS: frozenset({"cron"}),
 }
 
 # Shell commands of the README that are not run here, and why (keyed by shlex.join).
@@ -392,7 +411,7 @@ def test_from_sql_enqueue_redrive_cancel_and_inspect(dsn: str, new_app: Callable
             if not cursor.nextset():
                 break
         (enqueued,), retried, cancelled, dead_letter = results
-        assert retried == [(True,)] and cancelled == [(True,)]
+        assert retried == [(True,)] and cancelled == [("cancelled",)]
         assert dead_letter == [(122, "emails.send_welcome", 1, "Fail: no user 5")]
         job = connection.execute(
             "select task, args, queue, priority, max_attempts, state::text,"
@@ -549,9 +568,13 @@ def test_command_line_line_by_line(dsn: str, tmp_path: Path, new_app: Callable[.
             case ["queue", "resume", _]:
                 assert "no queue has controls" in stdout
             case ["queue", "limit", queue, *_]:
-                assert stdout.splitlines()[1].split() == [queue, "no", "3", "50", "50", "0", "-", "-"]
+                assert stdout.splitlines()[1].split() == [queue, "no", "3", "50", "50", "0", "-", "2"]
             case ["queue", "list"]:
-                assert stdout.splitlines()[1].split() == ["emails", "no", "3", "50", "50", "0", "-", "-"]
+                assert stdout.splitlines()[1].split() == ["emails", "no", "3", "50", "50", "0", "-", "2"]
+            case ["cron", "list"]:
+                assert "(no schedules" in stdout  # the README's jobs module declares none
+            case ["events", "status"]:
+                assert stdout.strip() == "events are off"
             case _:
                 raise AssertionError(f"no check for `pgqueue {shlex.join(arguments)}`")
 
@@ -634,7 +657,7 @@ def test_the_testing_helpers_example_passes_as_a_users_suite(
     dsn: str, server_dsn: str, tmp_path: Path
 ) -> None:
     """The README's conftest.py and test, with its jobs module, run by pytest as a user would."""
-    for key in (JOBS_MODULE, TESTING_CONFTEST, TESTING_TEST):
+    for key in (JOBS_MODULE, EAGER_TEST, TESTING_CONFTEST, TESTING_TEST):
         write_file_snippet(key, tmp_path)
 
     def leftovers() -> set[str]:
@@ -651,8 +674,67 @@ def test_the_testing_helpers_example_passes_as_a_users_suite(
         subprocess_environment(PGQUEUE_DSN=dsn),  # the server of the user's databases
     )
     assert completed.returncode == 0, describe("pytest on the README's example", completed)
-    assert re.search(r"\b1 passed\b", completed.stdout), completed.stdout
+    assert re.search(r"\b2 passed\b", completed.stdout), completed.stdout
     assert leftovers() == before  # the template and the clone were dropped
+
+
+# -- Following a job, periodic jobs, events ---------------------------------------------
+
+
+def run_script(key: SnippetKey, directory: Path, dsn: str) -> str:
+    """Run a script block as written; its stdout."""
+    block = snippet(key)
+    script = directory / f"readme_line_{block.line}.py"
+    script.write_text(block.code)
+    completed = run([sys.executable, str(script)], directory, subprocess_environment(PGQUEUE_DSN=dsn))
+    assert completed.returncode == 0, describe(f"the script at README.md line {block.line}", completed)
+    return completed.stdout
+
+
+@pytest.mark.slow
+def test_a_handle_waits_reads_progress_and_cancels(
+    dsn: str, tmp_path: Path, worker_processes: WorkerProcesses
+) -> None:
+    for key in (JOBS_MODULE, REPORTS_MODULE):
+        write_file_snippet(key, tmp_path)
+    worker_processes.start(dsn, app="myproject.reports:app")
+    lines = run_script(HANDLES_EXAMPLE, tmp_path, dsn).splitlines()
+    assert lines == ["5 pages", "succeeded 100.0", "cancelling", "cancelled"]
+
+
+@pytest.mark.slow
+def test_periodic_jobs_declared_added_and_listed(
+    dsn: str, tmp_path: Path, worker_processes: WorkerProcesses
+) -> None:
+    for key in (JOBS_MODULE, PERIODIC_MODULE):
+        write_file_snippet(key, tmp_path)
+    worker = worker_processes.start(dsn, app="myproject.periodic:app")
+    worker.wait_for_output("declared 1 periodic schedule(s)")
+    run_script(SCHEDULES_ADD, tmp_path, dsn)
+    environment = subprocess_environment(PGQUEUE_DSN=dsn)
+    outputs = []
+    for words in command_forms(snippet(CRON_COMMANDS)):
+        completed = run(pgqueue_command(*words[1:]), tmp_path, environment)
+        assert completed.returncode == 0, describe(shlex.join(words), completed)
+        outputs.append((words[1:], completed.stdout))
+    listed = dict((tuple(arguments), stdout) for arguments, stdout in outputs)
+    table = listed["cron", "list"].splitlines()
+    assert table[1].split()[:4] == ["nightly-report", "0", "2", "*"]
+    assert table[2].split()[:7] == ["prices.sync", "*/5", "*", "*", "*", "*", "Europe/Paris"]
+    assert listed["cron", "pause", "nightly-report"].strip() == "schedule nightly-report paused"
+
+
+@pytest.mark.slow
+def test_the_events_example_sees_its_job_end(
+    dsn: str, tmp_path: Path, worker_processes: WorkerProcesses
+) -> None:
+    for key in (JOBS_MODULE, REPORTS_MODULE):
+        write_file_snippet(key, tmp_path)
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        connection.execute("select pgqueue.enable_events()")  # `pgqueue events on`
+    worker_processes.start(dsn, app="myproject.reports:app")
+    lines = run_script(EVENTS_EXAMPLE, tmp_path, dsn).splitlines()
+    assert lines[0] == "succeeded"
 
 
 # -- Hooks -----------------------------------------------------------------------------
