@@ -33,9 +33,23 @@ def bench_limits(b: Bench) -> None:
             if statement:
                 b.admin.execute(statement, (bench.NOOP_QUEUE,))
             rates[name].append(drain_once(b, 2, 200, label=f"-limit-{name}")["window_jobs_per_s"])
+    # many small claimers (6 processes x 20 slots): more claims per job, so more turns to
+    # take on the queue's row while the limit cannot bind
+    many: dict[str, list[float]] = {"none": [], "max_running": []}
+    for _ in range(rounds):
+        for name in many:
+            b.admin.execute("delete from pgqueue.queues")
+            if VARIANTS[name]:
+                b.admin.execute(VARIANTS[name], (bench.NOOP_QUEUE,))
+            many[name].append(drain_once(b, 6, 20, label=f"-limit-many-{name}")["window_jobs_per_s"])
     b.admin.execute("delete from pgqueue.queues")
     b.results["limits"] = {name: {"median": statistics.median(r), "rounds": r} for name, r in rates.items()}
+    b.results["limits"].update(
+        {f"{name}_6x20": {"median": statistics.median(r), "rounds": r} for name, r in many.items()}
+    )
     log(
         "drain with a global limit "
         + ", ".join(f"{name} {rate(statistics.median(r))}" for name, r in rates.items())
+        + "; 6 processes x 20: "
+        + ", ".join(f"{name} {rate(statistics.median(r))}" for name, r in many.items())
     )

@@ -134,6 +134,17 @@ def table(b: Bench) -> str:
                     f">= 80%: {'ok' if share >= 0.8 else 'MISSED'}",
                 )
             )
+        if "max_running_6x20" in limits:
+            share = limits["max_running_6x20"]["median"] / limits["none_6x20"]["median"]
+            rows.append(
+                (
+                    "drain 6 proc c=20, a global limit of 1,000 running (cannot bind)",
+                    rate(limits["max_running_6x20"]["median"]),
+                    f"{rate(limits['none_6x20']['median'])} (no controls)",
+                    f"{share:.0%}",
+                    f">= 80%: {'ok' if share >= 0.8 else 'MISSED'}",
+                )
+            )
     elif "limits" in error:
         rows.append(("queue limits", "ERROR", "", "", ""))
     scrape = r.get("exporter_scrape")

@@ -90,24 +90,32 @@ def prepare(task: str, args: dict[str, Any], options: JobOptions) -> PreparedJob
 
 
 def _insert_plan(job: PreparedJob) -> Plan[JobId]:
+    key = job.options.unique_key
+    params = job.params()
+    if key is not None:
+        # a key a live job holds: its id, and nothing inserted (a full queue is no obstacle)
+        params["unique_key"] = key
     if job.given is None:
-        rows = yield query("insert_job"), job.params()
+        rows = yield query("insert_job" if key is None else "insert_unique_job"), params
         assert rows
-        job_id = int(rows[0][0])
+        job_id, held = int(rows[0][0]), key is not None and bool(rows[0][1])
     else:
-        rows = yield query("insert_job_by_name"), job.params()
+        rows = yield query("insert_job_by_name" if key is None else "insert_unique_job_by_name"), params
         assert rows
         job_id, registered = int(rows[0][0]), rows[0][1]
+        held = key is not None and bool(rows[0][2])
         if not registered:
             log.warning(
                 "enqueued job %d of task %r, which no worker has registered (yet): check the name",
                 job_id,
                 job.task,
             )
-    key = job.options.unique_key
     if key is None:
         return JobId(job_id)
-    # the job takes its key, or gives way (removed again, unseen) to the job that holds it
+    if held:
+        return JobId(job_id, True)
+    # the new job takes its key, or gives way (removed again, unseen) to a job that took
+    # it meanwhile
     rows = yield (
         query("take_job_key"),
         {

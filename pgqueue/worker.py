@@ -3,9 +3,11 @@
 One asyncio loop per process. Each concern has a room of its own: `attempts` takes
 a claimed job to its outcome; `executors` runs handlers (async, thread, process)
 with their timeouts; `outcomes` turns what a handler returned or raised into what
-is recorded; `completer` records outcomes by group commit; `listener` wakes the
-loop on NOTIFY; `leases` heartbeats; and `maintenance` runs the once-per-database
-duties under a leader. `hooks` tells whoever listens. Every connection reconnects
+is recorded; `completer` records outcomes (and progress) by group commit; `running`
+holds the running jobs and stops them on a cancel request or a lost lease; `listener`
+wakes the loop on NOTIFY and passes cancel requests on; `leases` heartbeats; and
+`maintenance` runs the once-per-database duties under a leader, and every worker's
+periodic jobs. `hooks` tells whoever listens. Every connection reconnects
 with backoff for as long as the worker lives: a database restart or a network cut
 pauses the worker, it never ends it.
 """
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import signal
@@ -38,7 +39,6 @@ from .executors import Executors
 from .hooks import (
     Connected,
     JobFinished,
-    JobProgress,
     JobsClaimed,
     JobStarted,
     OutcomesFlushed,
@@ -55,6 +55,7 @@ from .migrate import wait_for_schema
 from .models import NAME_PATTERN, ClaimedJob
 from .outcomes import Outcome, describe
 from .registry import register_tasks
+from .running import RunningJobs, progress_relay, wait_all_or
 from .settings import Settings
 from .sql import query
 
@@ -97,8 +98,7 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.install_signal_handlers = install_signal_handlers
         self.jobs_done = 0
-        self._running: dict[tuple[int, int], asyncio.Task[None]] = {}
-        self._contexts: dict[tuple[int, int], JobContext] = {}  # of the running jobs
+        self._running = RunningJobs(self.worker_id, app.tasks)
         self._found_jobs = False  # the last claim returned jobs (for QueuesEmpty)
         self._claim_uncertain = False  # a claim's reply was lost: some jobs may be ours unknowingly
         self._stopping = False
@@ -226,7 +226,7 @@ class Worker:
                 statement_timeout=settings.statement_timeout,
                 poll_interval=settings.poll_interval,
                 reconnect_max_delay=settings.reconnect_max_delay,
-                on_cancel=self._cancel_requested,
+                on_cancel=self._running.cancel_jobs,
                 on_connect=self._connected,
             )
             jobs.append(("listen", listener.run()))
@@ -238,8 +238,8 @@ class Worker:
             settings.statement_timeout,
             held=lambda: [*self._running, *self._completer.unrecorded()],
             running=lambda: set(self._running),
-            lost=self._leases_lost,
-            cancel=self._cancel_requested,
+            lost=self._running.leases_lost,
+            cancel=self._running.cancel_jobs,
             on_connect=self._connected,
         )
         jobs.append(("heartbeat", heartbeat.run()))
@@ -371,16 +371,11 @@ class Worker:
 
     async def _execute(self, job: ClaimedJob) -> None:
         hooks = self.app.hooks
+        relay = progress_relay(asyncio.get_running_loop(), self._completer, hooks, self.worker_id, job)
         context = JobContext(
-            job.id,
-            job.task,
-            job.queue,
-            job.attempt,
-            job.max_attempts,
-            self.worker_id,
-            _report=functools.partial(self._progress_reported, job.id, job.attempt),
+            job.id, job.task, job.queue, job.attempt, job.max_attempts, self.worker_id, _report=relay
         )
-        self._contexts[job.id, job.attempt] = context
+        self._running.contexts[job.id, job.attempt] = context
         token = _current.set(context)
         started = time.monotonic()
         if log.isEnabledFor(logging.DEBUG):
@@ -395,7 +390,7 @@ class Worker:
         finally:
             _current.reset(token)
             self._running.pop((job.id, job.attempt), None)
-            self._contexts.pop((job.id, job.attempt), None)
+            self._running.contexts.pop((job.id, job.attempt), None)
             assert self._slot_freed
             self._slot_freed.set()
         seconds = time.monotonic() - started
@@ -405,43 +400,6 @@ class Worker:
         self._completer.add(outcome)
         if hooks.wants(JobFinished):
             hooks.emit(JobFinished(self.worker_id, job, outcome, seconds))
-
-    def _progress_reported(self, job_id: int, attempt: int, report: dict[str, Any]) -> None:
-        """From a handler, on any thread: store the report with the completer's next flush."""
-        assert self._loop
-        with contextlib.suppress(RuntimeError):  # the loop closed: the worker has ended
-            self._loop.call_soon_threadsafe(self._store_progress, job_id, attempt, report)
-
-    def _store_progress(self, job_id: int, attempt: int, report: dict[str, Any]) -> None:
-        self._completer.add_progress(job_id, attempt, report)
-        if self.app.hooks.wants(JobProgress):
-            self.app.hooks.emit(JobProgress(self.worker_id, job_id, attempt, report))
-
-    def _cancel_requested(self, job_ids: set[int]) -> None:
-        """Stop these jobs if they run here: cancel an async handler's task (a process
-        child is killed with it); a thread cannot be stopped, so its handler sees the flag."""
-        for key, context in list(self._contexts.items()):
-            if key[0] not in job_ids or context.cancelled:
-                continue
-            context._cancel.set()
-            task = self.app.tasks.get(context.task)
-            log.info("job %d (%s) cancelled while running: stopping it", key[0], context.task)
-            running = self._running.get(key)
-            if running is not None and (task is None or task.executor != "thread"):
-                running.cancel()
-
-    def _leases_lost(self, attempts: set[tuple[int, int]]) -> None:
-        """The heartbeat found these attempts no longer ours: stop them, their outcome would be void."""
-        for (job_id, attempt), task in list(self._running.items()):
-            if (job_id, attempt) in attempts:
-                log.warning(
-                    "worker %s lost the lease of job %d (attempt %d): stopping it, as another worker "
-                    "may run it now",
-                    self.worker_id,
-                    job_id,
-                    attempt,
-                )
-                task.cancel()
 
     def _recorded(self, outcomes: list[Outcome], rows: list[tuple[Any, ...]], seconds: float) -> None:
         # outcomes stored: slots held back by a backlog of unrecorded outcomes are free again
@@ -461,7 +419,7 @@ class Worker:
         tasks = list(self._running.values())
         if tasks and not self._forced:
             force = asyncio.ensure_future(self._force_event.wait())
-            await _wait_all_or(tasks, force, self.settings.shutdown_grace)
+            await wait_all_or(tasks, force, self.settings.shutdown_grace)
             force.cancel()
         leftover = list(self._running.values())
         if leftover:
@@ -480,15 +438,6 @@ class Worker:
         # Past the lease, or a few seconds after a forced stop, an outcome could not be
         # recorded anyway: its job is rescued.
         await self._completer.finish(self.settings.lease_seconds, forced=lambda: self._forced)
-
-
-async def _wait_all_or(tasks: list[asyncio.Task[None]], force: asyncio.Future[Any], timeout: float) -> None:
-    """Wait for all `tasks`, until `timeout`, or until `force` completes."""
-    everything = asyncio.ensure_future(asyncio.wait(tasks))
-    try:
-        await asyncio.wait([everything, force], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        everything.cancel()
 
 
 def _report_crash(task: asyncio.Task[None]) -> None:

@@ -218,6 +218,64 @@ from (values (1)) as one
 left join registered r on true
 returning id, exists (select 1 from registered)
 
+-- name: insert_unique_job
+-- insert_job for a job with a unique key: nothing is inserted (so no queue limit is in the
+-- way) when a live job already holds the key; returns (id, held): the new job's id and
+-- false, or the holder's id and true. A new job then takes the key (take_job_key), which
+-- settles a race with a producer whose job is not committed yet.
+with held as (
+    select k.job_id from pgqueue.job_keys k
+    where k.task = %(task)s and k.key = %(unique_key)s and not pgqueue.job_key_free(k)
+),
+inserted as (
+    insert into pgqueue.active_jobs (
+        task, args, queue, priority, run_at, max_attempts, timeout_seconds,
+        backoff, backoff_base_seconds, backoff_max_seconds, backoff_jitter
+    )
+    select
+        %(task)s, %(args)s::jsonb, %(queue)s, %(priority)s,
+        coalesce(%(run_at)s::timestamptz, now()) + make_interval(secs => %(delay)s::double precision),
+        %(max_attempts)s, %(timeout_seconds)s::double precision,
+        %(backoff)s::pgqueue.backoff_kind, %(backoff_base_seconds)s::double precision,
+        %(backoff_max_seconds)s::double precision, %(backoff_jitter)s::real
+    where not exists (select from held)
+    returning id
+)
+select id, false from inserted
+union all
+select job_id, true from held
+
+-- name: insert_unique_job_by_name
+-- insert_job_by_name with insert_unique_job's check of the key: (id, registered, held).
+with held as (
+    select k.job_id from pgqueue.job_keys k
+    where k.task = %(task)s and k.key = %(unique_key)s and not pgqueue.job_key_free(k)
+),
+registered as (select * from pgqueue.tasks where name = %(task)s),
+inserted as (
+    insert into pgqueue.active_jobs (
+        task, args, queue, priority, run_at, max_attempts, timeout_seconds,
+        backoff, backoff_base_seconds, backoff_max_seconds, backoff_jitter
+    )
+    select
+        %(task)s, %(args)s::jsonb, coalesce(%(queue)s, r.queue, 'default'),
+        coalesce(%(priority)s::smallint, r.priority, 0),
+        coalesce(%(run_at)s::timestamptz, now()) + make_interval(secs => %(delay)s::double precision),
+        coalesce(%(max_attempts)s::integer, r.max_attempts, 10),
+        coalesce(%(timeout_seconds)s::double precision, r.timeout_seconds),
+        coalesce(%(backoff)s::pgqueue.backoff_kind, r.backoff, 'exponential'),
+        coalesce(%(backoff_base_seconds)s::double precision, r.backoff_base_seconds, 1),
+        coalesce(%(backoff_max_seconds)s::double precision, r.backoff_max_seconds, 3600),
+        coalesce(%(backoff_jitter)s::real, r.backoff_jitter, 0.1)
+    from (values (1)) as one
+    left join registered r on true
+    where not exists (select from held)
+    returning id
+)
+select id, exists (select 1 from registered), false from inserted
+union all
+select job_id, true, true from held
+
 -- name: worker_seen
 -- A worker is alive (at start and every maintenance round); lost if not seen for %(ttl)s s.
 select pgqueue.worker_seen(%(worker)s, %(host)s, %(pid)s, %(queues)s::text[], %(concurrency)s,

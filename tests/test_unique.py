@@ -237,6 +237,7 @@ def test_the_async_producer_takes_keys_and_meets_a_full_queue_too(
     from pgqueue import QueueFull
 
     app = new_app()
+    producer_only = new_app()  # knows no task: enqueues by name
 
     @app.task(name="export.run", queue="exports")
     def run(n: int) -> None:
@@ -252,6 +253,13 @@ def test_the_async_producer_takes_keys_and_meets_a_full_queue_too(
             with pytest.raises(QueueFull) as refused:
                 await run.enqueue_async(connection, n=3)
             assert (refused.value.depth, refused.value.max_depth) == (2, 2)
+            # a duplicate writes nothing, so a full queue does not refuse it: the holder's id
+            full_again = await run.options(unique_key="nightly").enqueue_async(connection, n=1)
+            assert full_again == first and full_again.duplicate
+            by_name = await producer_only.enqueue_async(
+                connection, "export.run", {"n": 1}, unique_key="nightly"
+            )
+            assert by_name == first and by_name.duplicate
             await app.controls.pause_async("exports", connection)
             await app.controls.resume_async("exports", connection)
             return first, again, many
