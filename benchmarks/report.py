@@ -147,6 +147,20 @@ def table(b: Bench) -> str:
             )
     elif "limits" in error:
         rows.append(("queue limits", "ERROR", "", "", ""))
+    events = r.get("events")
+    if events:
+        share = events["on"]["median"] / events["off"]["median"]
+        rows.append(
+            (
+                "drain 2 proc c=200, event stream on (nobody listening)",
+                rate(events["on"]["median"]),
+                f"{rate(events['off']['median'])} (off)",
+                f"{share:.0%}",
+                "shown (off by default)",
+            )
+        )
+    elif "events" in error:
+        rows.append(("event stream", "ERROR", "", "", ""))
     scrape = r.get("exporter_scrape")
     if scrape:
         rows.append(

@@ -33,6 +33,7 @@ import psycopg  # noqa: E402
 import pgqueue  # noqa: E402
 from benchmarks import tasks as bench  # noqa: E402
 from benchmarks.controls import bench_limits  # noqa: E402
+from benchmarks.events import bench_events  # noqa: E402
 from benchmarks.harness import (  # noqa: E402
     FULL,
     QUICK,
@@ -328,6 +329,7 @@ PHASES: list[tuple[str, Callable[[Bench], None]]] = [
     ("prune_under_load", bench_prune_under_load),
     ("soak", bench_soak),
     ("limits", bench_limits),
+    ("events", bench_events),
 ]
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from .context import JobContext
 from .executors import Executors
 from .models import ClaimedJob
-from .outcomes import Outcome, hand_back, outcome_of
+from .outcomes import Outcome, cancelled, hand_back, outcome_of
 from .settings import Settings
 from .tasks import Task
 
@@ -30,6 +30,8 @@ async def run_attempt(
     releasing: Callable[[], bool],
 ) -> Outcome:
     """The outcome of running `job` once in this worker; never raises for the job's faults."""
+    if context.cancelled:  # asked to stop before it started
+        return _stamped(cancelled(job), job, None)
     task = tasks.get(job.task)
     if task is None:
         return _stamped(
@@ -71,7 +73,7 @@ async def run_attempt(
             on_start=lambda: started.append(time.time()),
         )
 
-    outcome = await outcome_of(job, call, releasing=releasing, cancel_requested=lambda: context.cancelled)
+    outcome = await outcome_of(job, call, releasing, context.cancel_requested)
     return _stamped(outcome, job, started[0] if started else None)
 
 

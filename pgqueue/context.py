@@ -12,7 +12,6 @@ def export(report_id: int) -> str:
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -39,20 +38,33 @@ class JobContext:
     attempt: int
     max_attempts: int
     worker: str
-    # set by the worker when a cancel request for this job arrives
-    _cancel: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
-    # hands a progress report to the worker (from any thread); None in a process child
-    _report: Callable[[dict[str, Any]], None] | None = field(default=None, repr=False, compare=False)
+    # hands a progress report (job id, attempt, report) to the worker, from any thread;
+    # None in a process child
+    _report: Callable[[int, int, dict[str, Any]], None] | None = field(
+        default=None, repr=False, compare=False
+    )
+    # "cancel" is set by the worker when a cancel request for this job arrives (a dict, not
+    # a threading.Event: this is built for every job, and a flag read across threads is all
+    # a handler needs)
+    _flags: dict[str, bool] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def cancelled(self) -> bool:
         """Whether someone asked for this job to stop (`pgqueue cancel`, `app.cancel`)."""
-        return self._cancel.is_set()
+        return "cancel" in self._flags
+
+    def cancel_requested(self) -> bool:
+        """`cancelled`, as a method to pass around."""
+        return "cancel" in self._flags
+
+    def request_cancel(self) -> None:
+        """The worker's side: a cancel request for this job arrived."""
+        self._flags["cancel"] = True
 
     def raise_if_cancelled(self) -> None:
         """Raise `Cancelled` when the job was asked to stop: the check a sync handler makes
         between steps (an async handler is cancelled where it awaits, a process child killed)."""
-        if self._cancel.is_set():
+        if "cancel" in self._flags:
             raise Cancelled(f"job {self.id} was cancelled while running")
 
     def progress(
@@ -72,10 +84,10 @@ class JobContext:
                 "progress() is not available in a process-pool handler: report from an async "
                 "or thread handler, or split the work into jobs"
             )
-        self._report(report)
+        self._report(self.id, self.attempt, report)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # sent to a process child: the event and the callback stay in the worker
+        # sent to a process child: the flags and the callback stay in the worker
         return (JobContext, (self.id, self.task, self.queue, self.attempt, self.max_attempts, self.worker))
 
 

@@ -125,7 +125,7 @@ class EagerRunner:
                 ran.attempt,
                 max_attempts,
                 "eager",
-                _report=lambda report: setattr(ran, "progress", report),
+                _report=lambda job_id, attempt, report: setattr(ran, "progress", report),
             )
             outcome = await outcome_of(claimed, _handler_call(task, context, args), releasing=lambda: False)
             if outcome.error is not None and outcome.kind != "snoozed":

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from .connection import Backoff, WorkerConnection
 from .outcomes import describe
+from .sql import query
 
 log = logging.getLogger("pgqueue")
 
@@ -34,12 +35,14 @@ class Listener:
         poll_interval: float,
         reconnect_max_delay: float,
         on_cancel: Callable[[set[int]], None],
+        running: Callable[[], list[int]],
         on_connect: Callable[[str, bool], None] | None = None,
     ) -> None:
         self._connection = WorkerConnection(dsn, "listen", statement_timeout, on_connect)
         self._served = set(queues)
         self._wake = wake
         self._on_cancel = on_cancel
+        self._running = running
         self._poll_interval = poll_interval
         self._backoff = Backoff(cap=reconnect_max_delay)
         self._probe_every = max(1.0, min(5.0, statement_timeout))
@@ -69,6 +72,12 @@ class Listener:
     async def _listen(self) -> None:
         await self._connection.fetch(f"listen {CHANNEL}", {})
         await self._connection.fetch(f"listen {CANCEL_CHANNEL}", {})
+        # requests sent before we listened (at start, or while the link was down)
+        running = self._running()
+        if running:
+            rows = await self._connection.fetch(query("cancel_requested"), {"ids": running})
+            if rows:
+                self._on_cancel({int(row[0]) for row in rows})
         connection = await self._connection.connect()
         if self._backoff.failures:
             log.info("LISTEN connection back")

@@ -99,11 +99,15 @@ class Outcome:
     due: datetime | None = None
 
 
+def _never() -> bool:
+    return False
+
+
 async def outcome_of(
     job: ClaimedJob,
     call: Callable[[], Awaitable[Any]],
     releasing: Callable[[], bool],
-    cancel_requested: Callable[[], bool] = lambda: False,
+    cancel_requested: Callable[[], bool] = _never,
 ) -> Outcome:
     """Run `call` (the handler, with its timeout) and turn what it returns or raises into an Outcome.
 
@@ -114,17 +118,29 @@ async def outcome_of(
     returns a value all the same has done its work, and succeeds.
     """
     try:
-        outcome = await _outcome_of(job, call, releasing)
-    except asyncio.CancelledError:
-        if not cancel_requested() or releasing():
-            raise
-        current = asyncio.current_task()
-        if current is not None:
-            current.uncancel()  # the cancellation was ours and ends here
-        return cancelled(job)
-    if outcome.kind in ("failed", "retry", "fatal") and cancel_requested():
-        return cancelled(job)
-    return outcome
+        result = await call()
+    except BaseException as error:
+        outcome = _failed(job, error, releasing)
+        if outcome is None:  # a cancellation from outside: ours to end only if asked for
+            if not cancel_requested() or releasing():
+                raise
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            return cancelled(job)
+        if outcome.kind in ("failed", "retry", "fatal") and cancel_requested():
+            return cancelled(job)
+        return outcome
+    try:
+        result_json = encode_json(result, MAX_RESULT_BYTES)
+    except (TypeError, ValueError) as error:
+        return failure(
+            job,
+            "fatal",
+            "bad_result",
+            f"InvalidResultError: the handler's return value cannot be stored: {error}",
+        )
+    return Outcome(job.id, job.attempt, "succeeded", result_json=result_json)
 
 
 def cancelled(job: ClaimedJob) -> Outcome:
@@ -136,28 +152,25 @@ def cancelled(job: ClaimedJob) -> Outcome:
     )
 
 
-async def _outcome_of(
-    job: ClaimedJob, call: Callable[[], Awaitable[Any]], releasing: Callable[[], bool]
-) -> Outcome:
-    timeout = job.timeout_seconds
-    try:
-        result = await call()
-    except Snooze as request:
-        return Outcome(job.id, job.attempt, "snoozed", retry_in=request.delay)
-    except Cancelled:
+def _failed(job: ClaimedJob, error: BaseException, releasing: Callable[[], bool]) -> Outcome | None:
+    """The outcome of a handler that raised `error` (called while it is being handled, so
+    its traceback is at hand); None for a cancellation that came from outside the job."""
+    if isinstance(error, Snooze):
+        return Outcome(job.id, job.attempt, "snoozed", retry_in=error.delay)
+    if isinstance(error, Cancelled):
         return cancelled(job)
-    except Retry as request:
-        return failure(job, "retry", "retry", f"Retry: {request.reason}", retry_in=request.delay)
-    except Fail as error:
+    if isinstance(error, Retry):
+        return failure(job, "retry", "retry", f"Retry: {error.reason}", retry_in=error.delay)
+    if isinstance(error, Fail):
         return failure(job, "fatal", "fail", describe(error), traceback.format_exc())
-    except TimedOut:
+    if isinstance(error, TimedOut):
         return failure(
             job,
             "failed",
             "timeout",
-            f"TimeoutError: job ran longer than its timeout of {timeout:g}s and was stopped",
+            f"TimeoutError: job ran longer than its timeout of {job.timeout_seconds:g}s and was stopped",
         )
-    except asyncio.CancelledError:
+    if isinstance(error, asyncio.CancelledError):
         current = asyncio.current_task()
         if current is not None and current.cancelling() == 0 and not releasing():
             # the handler's own await was cancelled (not this job): a failed attempt
@@ -173,20 +186,9 @@ async def _outcome_of(
                     "traceback": None,
                 },
             )
-        raise
-    except BaseException as error:
-        # SystemExit or KeyboardInterrupt from a handler fails its attempt, not the worker
-        return failure(job, "failed", "exception", describe(error), traceback.format_exc())
-    try:
-        result_json = encode_json(result, MAX_RESULT_BYTES)
-    except (TypeError, ValueError) as error:
-        return failure(
-            job,
-            "fatal",
-            "bad_result",
-            f"InvalidResultError: the handler's return value cannot be stored: {error}",
-        )
-    return Outcome(job.id, job.attempt, "succeeded", result_json=result_json)
+        return None
+    # SystemExit or KeyboardInterrupt from a handler fails its attempt, not the worker
+    return failure(job, "failed", "exception", describe(error), traceback.format_exc())
 
 
 def failure(

@@ -100,10 +100,11 @@ def _insert_plan(job: PreparedJob) -> Plan[JobId]:
         assert rows
         job_id, held = int(rows[0][0]), key is not None and bool(rows[0][1])
     else:
-        rows = yield query("insert_job_by_name" if key is None else "insert_unique_job_by_name"), params
+        params.setdefault("unique_key", None)
+        rows = yield query("insert_job_by_name"), params
         assert rows
         job_id, registered = int(rows[0][0]), rows[0][1]
-        held = key is not None and bool(rows[0][2])
+        held = bool(rows[0][2])
         if not registered:
             log.warning(
                 "enqueued job %d of task %r, which no worker has registered (yet): check the name",

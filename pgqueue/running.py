@@ -9,13 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from .completer import Completer
 from .context import JobContext
 from .hooks import Hooks, JobProgress
-from .models import ClaimedJob
 from .tasks import Task
 
 log = logging.getLogger("pgqueue")
@@ -31,18 +30,20 @@ class RunningJobs(dict[Attempt, "asyncio.Task[None]"]):
         self._worker = worker
         self._tasks = tasks
         self.contexts: dict[Attempt, JobContext] = {}
+        self.started: set[Attempt] = set()  # whose task runs the attempt by now
 
     def cancel_jobs(self, job_ids: set[int]) -> None:
         """Stop these jobs if they run here: cancel an async handler's task (a process
-        child is killed with it); a thread cannot be stopped, so its handler sees the flag."""
+        child is killed with it); a thread cannot be stopped, so its handler sees the flag.
+        An attempt whose task has not started yet sees the flag before its handler runs."""
         for key, context in list(self.contexts.items()):
             if key[0] not in job_ids or context.cancelled:
                 continue
-            context._cancel.set()
+            context.request_cancel()
             task = self._tasks.get(context.task)
             log.info("job %d (%s) cancelled while running: stopping it", key[0], context.task)
             running = self.get(key)
-            if running is not None and (task is None or task.executor != "thread"):
+            if running is not None and key in self.started and (task is None or task.executor != "thread"):
                 running.cancel()
 
     def leases_lost(self, attempts: set[Attempt]) -> None:
@@ -59,24 +60,27 @@ class RunningJobs(dict[Attempt, "asyncio.Task[None]"]):
                 task.cancel()
 
 
-def progress_relay(
-    loop: asyncio.AbstractEventLoop, completer: Completer, hooks: Hooks, worker: str, job: ClaimedJob
-) -> Callable[[dict[str, Any]], None]:
-    """The callback a handler's `progress()` calls, on any thread: the report goes to the
-    completer's next flush, and to the JobProgress hooks, on the worker's loop."""
+class ProgressRelay:
+    """What a handler's `progress()` calls, on any thread: the report goes to the
+    completer's next flush, and to the JobProgress hooks, on the worker's loop. One per
+    worker (nothing is built per job)."""
 
-    key = (job.id, job.attempt)
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, completer: Completer, hooks: Hooks, worker: str
+    ) -> None:
+        self._loop = loop
+        self._completer = completer
+        self._hooks = hooks
+        self._worker = worker
 
-    def store(report: dict[str, Any]) -> None:
-        completer.add_progress(key[0], key[1], report)
-        if hooks.wants(JobProgress):
-            hooks.emit(JobProgress(worker, key[0], key[1], report))
-
-    def relay(report: dict[str, Any]) -> None:
+    def __call__(self, job_id: int, attempt: int, report: dict[str, Any]) -> None:
         with contextlib.suppress(RuntimeError):  # the loop closed: the worker has ended
-            loop.call_soon_threadsafe(store, report)
+            self._loop.call_soon_threadsafe(self._store, job_id, attempt, report)
 
-    return relay
+    def _store(self, job_id: int, attempt: int, report: dict[str, Any]) -> None:
+        self._completer.add_progress(job_id, attempt, report)
+        if self._hooks.wants(JobProgress):
+            self._hooks.emit(JobProgress(self._worker, job_id, attempt, report))
 
 
 async def wait_all_or(tasks: list[asyncio.Task[None]], force: asyncio.Future[Any], timeout: float) -> None:

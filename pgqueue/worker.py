@@ -55,7 +55,7 @@ from .migrate import wait_for_schema
 from .models import NAME_PATTERN, ClaimedJob
 from .outcomes import Outcome, describe
 from .registry import register_tasks
-from .running import RunningJobs, progress_relay, wait_all_or
+from .running import ProgressRelay, RunningJobs, wait_all_or
 from .settings import Settings
 from .sql import query
 
@@ -168,6 +168,7 @@ class Worker:
             completer_connection, self.worker_id, settings.reconnect_max_delay, on_recorded=self._recorded
         )
         self._executors = Executors(self.concurrency, on_slot_freed=self._slot_freed.set)
+        self._progress = ProgressRelay(self._loop, self._completer, self.app.hooks, self.worker_id)
         background: list[asyncio.Task[None]] = []
         stop_metrics: Callable[[], None] | None = None
         try:
@@ -227,6 +228,7 @@ class Worker:
                 poll_interval=settings.poll_interval,
                 reconnect_max_delay=settings.reconnect_max_delay,
                 on_cancel=self._running.cancel_jobs,
+                running=lambda: [job_id for job_id, _ in self._running],
                 on_connect=self._connected,
             )
             jobs.append(("listen", listener.run()))
@@ -364,18 +366,18 @@ class Worker:
     # -- running jobs ---------------------------------------------------------------
 
     def _start(self, job: ClaimedJob) -> None:
-        task = asyncio.create_task(self._execute(job), name=f"pgqueue-job-{job.id}")
+        # from the claim on: a cancel request before the handler starts is not lost
+        context = JobContext(
+            job.id, job.task, job.queue, job.attempt, job.max_attempts, self.worker_id, self._progress
+        )
+        task = asyncio.create_task(self._execute(job, context), name=f"pgqueue-job-{job.id}")
         # keyed by attempt too: after a lost lease this worker may claim the same job again
         # while its old attempt is still winding down
         self._running[job.id, job.attempt] = task
-
-    async def _execute(self, job: ClaimedJob) -> None:
-        hooks = self.app.hooks
-        relay = progress_relay(asyncio.get_running_loop(), self._completer, hooks, self.worker_id, job)
-        context = JobContext(
-            job.id, job.task, job.queue, job.attempt, job.max_attempts, self.worker_id, _report=relay
-        )
         self._running.contexts[job.id, job.attempt] = context
+
+    async def _execute(self, job: ClaimedJob, context: JobContext) -> None:
+        hooks = self.app.hooks
         token = _current.set(context)
         started = time.monotonic()
         if log.isEnabledFor(logging.DEBUG):
@@ -384,6 +386,8 @@ class Worker:
             waited = (datetime.now(UTC) - job.run_at).total_seconds()
             hooks.emit(JobStarted(self.worker_id, job, max(0.0, waited)))
         try:
+            # from here on a cancellation of this task reaches the handler's outcome
+            self._running.started.add((job.id, job.attempt))
             outcome = await run_attempt(
                 job, context, self.app.tasks, self._executors, self.settings, lambda: self._releasing
             )
@@ -391,6 +395,7 @@ class Worker:
             _current.reset(token)
             self._running.pop((job.id, job.attempt), None)
             self._running.contexts.pop((job.id, job.attempt), None)
+            self._running.started.discard((job.id, job.attempt))
             assert self._slot_freed
             self._slot_freed.set()
         seconds = time.monotonic() - started

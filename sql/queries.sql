@@ -93,6 +93,11 @@ select pgqueue.cancel_job(%(id)s)
 -- 'already <state>' when it had ended, or null when there is no such job.
 select pgqueue.cancel(%(id)s)
 
+-- name: cancel_requested
+-- Which of these running jobs have a cancel request (a worker that starts listening looks,
+-- for those sent before it listened).
+select job_id from pgqueue.cancel_requests where job_id = any(%(ids)s::bigint[])
+
 -- name: report_progress
 -- Store the last progress of jobs this worker runs.
 select pgqueue.report_progress(%(worker)s, %(ids)s, %(attempts)s, %(progress)s::jsonb[], %(now)s)
@@ -195,29 +200,6 @@ set queue = excluded.queue, priority = excluded.priority, max_attempts = exclude
     backoff_base_seconds = excluded.backoff_base_seconds, backoff_max_seconds = excluded.backoff_max_seconds,
     backoff_jitter = excluded.backoff_jitter, registered_by = excluded.registered_by, registered_at = now()
 
--- name: insert_job_by_name
--- Insert one job of a task this process does not know: options the caller left out come
--- from the task as its workers registered it, then from the defaults. Also says whether
--- any worker registered the name.
-with registered as (select * from pgqueue.tasks where name = %(task)s)
-insert into pgqueue.active_jobs (
-    task, args, queue, priority, run_at, max_attempts, timeout_seconds,
-    backoff, backoff_base_seconds, backoff_max_seconds, backoff_jitter
-)
-select
-    %(task)s, %(args)s::jsonb, coalesce(%(queue)s, r.queue, 'default'),
-    coalesce(%(priority)s::smallint, r.priority, 0),
-    coalesce(%(run_at)s::timestamptz, now()) + make_interval(secs => %(delay)s::double precision),
-    coalesce(%(max_attempts)s::integer, r.max_attempts, 10),
-    coalesce(%(timeout_seconds)s::double precision, r.timeout_seconds),
-    coalesce(%(backoff)s::pgqueue.backoff_kind, r.backoff, 'exponential'),
-    coalesce(%(backoff_base_seconds)s::double precision, r.backoff_base_seconds, 1),
-    coalesce(%(backoff_max_seconds)s::double precision, r.backoff_max_seconds, 3600),
-    coalesce(%(backoff_jitter)s::real, r.backoff_jitter, 0.1)
-from (values (1)) as one
-left join registered r on true
-returning id, exists (select 1 from registered)
-
 -- name: insert_unique_job
 -- insert_job for a job with a unique key: nothing is inserted (so no queue limit is in the
 -- way) when a live job already holds the key; returns (id, held): the new job's id and
@@ -245,8 +227,11 @@ select id, false from inserted
 union all
 select job_id, true from held
 
--- name: insert_unique_job_by_name
--- insert_job_by_name with insert_unique_job's check of the key: (id, registered, held).
+-- name: insert_job_by_name
+-- Insert one job of a task this process does not know: options the caller left out come
+-- from the task as its workers registered it, then from the defaults. With a unique key,
+-- nothing is inserted when a live job holds it (as in insert_unique_job). Returns (id,
+-- whether any worker registered the name, whether the id is the key's holder).
 with held as (
     select k.job_id from pgqueue.job_keys k
     where k.task = %(task)s and k.key = %(unique_key)s and not pgqueue.job_key_free(k)

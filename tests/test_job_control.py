@@ -333,3 +333,47 @@ def _alive(pid: int) -> bool:
     # a zombie is dead too: only its parent's wait is missing
     status = Path(f"/proc/{pid}/stat")
     return status.exists() and status.read_text().split()[2] != "Z"
+
+
+def test_a_job_asked_to_stop_before_its_handler_started_never_runs(app: App) -> None:
+    from datetime import UTC, datetime
+
+    from pgqueue.attempts import run_attempt
+    from pgqueue.context import JobContext
+    from pgqueue.executors import Executors
+    from pgqueue.models import ClaimedJob
+
+    ran: list[int] = []
+
+    @app.task(name="never_started")
+    async def never_started() -> None:
+        ran.append(1)
+
+    now = datetime.now(UTC)
+    job = ClaimedJob(7, "never_started", {}, "default", 0, 1, 3, None, now, now)
+    context = JobContext(7, "never_started", "default", 1, 3, "w1")
+    context.request_cancel()  # arrived between the claim and the handler's start
+
+    async def attempt() -> Any:
+        return await run_attempt(
+            job, context, app.tasks, Executors(1, lambda: None), app.settings, lambda: False
+        )
+
+    outcome = asyncio.run(attempt())
+    assert outcome.kind == "cancelled" and ran == []
+
+
+def test_a_job_released_or_snoozed_after_its_cancel_request_ends_cancelled(
+    connection: psycopg.Connection[Any],
+) -> None:
+    for outcome in ("released", "snoozed", "deferred"):
+        (job_id,) = connection.execute("select pgqueue.enqueue('t')").fetchone() or (0,)
+        connection.execute("select * from pgqueue.claim_jobs('w1', array['default'], 1, 30)")
+        connection.execute("select pgqueue.cancel(%s)", (job_id,))
+        rows = connection.execute(
+            "select id, state from pgqueue.complete_jobs_v2('w1', array[%s]::bigint[], array[1], array[%s],"
+            " array[null]::jsonb[], array[null]::jsonb[], array[5]::float8[], array[null]::timestamptz[],"
+            " array[null]::timestamptz[])",
+            (job_id, outcome),
+        ).fetchall()
+        assert rows == [(job_id, "cancelled")], outcome

@@ -132,7 +132,8 @@ $$;
 --   'cancelled': the attempt was stopped by a cancel request; the job ends cancelled.
 --   'snoozed': the handler postponed its job by p_retry_in seconds; the attempt is not
 --   counted and leaves no error (the job may snooze for as long as it likes).
--- A failure of a job with a cancel request ends it cancelled instead of retrying it.
+-- A failure (or a release, a snooze, a hand-back) of a job with a cancel request ends it
+-- cancelled instead of requeueing it.
 create or replace function pgqueue.complete_jobs_v2(
     p_worker text,
     p_ids bigint[],
@@ -163,11 +164,12 @@ begin
         select d.*, case
                 when d.outcome = 'succeeded' then 'succeeded'::pgqueue.job_state
                 when d.outcome = 'cancelled' then 'cancelled'
+                -- anything else with a cancel request ends cancelled (the worker released
+                -- or snoozed it before it saw the request); a success never pays for the probe
+                when exists (select from pgqueue.cancel_requests c where c.job_id = d.id) then 'cancelled'
                 when d.outcome in ('released', 'snoozed') then 'queued'
                 when d.outcome = 'deferred' then case when pgqueue.deferral_expired(d.errors, d.error, v_now)
                     then 'dead'::pgqueue.job_state else 'queued' end
-                -- only failures look for a cancel request: a success never pays for the probe
-                when exists (select from pgqueue.cancel_requests c where c.job_id = d.id) then 'cancelled'
                 when d.outcome = 'fatal' or d.attempt >= d.max_attempts then 'dead'
                 else 'queued'
             end as next_state
