@@ -38,13 +38,15 @@ class DatabaseUnavailable(Exception):
 # SQLSTATEs of a server that is going away or cannot take us now (class 08: connection
 # exception; 53: insufficient resources; 57P0x: shutdown, crash, not yet accepting).
 _LINK_STATES = ("08", "53", "57P01", "57P02", "57P03", "57P05")
+# ...but for 53400, which pgqueue raises itself for a full queue (0012): the statement's fault
+QUEUE_FULL = "53400"
 
 
 def is_link_failure(error: BaseException) -> bool:
     """True when `error` says the link to the database failed, not the statement."""
     if isinstance(error, psycopg.OperationalError):
         state = error.sqlstate
-        return state is None or state.startswith(_LINK_STATES)
+        return state is None or (state.startswith(_LINK_STATES) and state != QUEUE_FULL)
     return isinstance(error, CONNECTION_ERRORS)
 
 

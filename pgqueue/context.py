@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidJobError
@@ -28,43 +27,71 @@ class Cancelled(Exception):
     may raise it itself too. The job ends `cancelled`, not failed."""
 
 
-@dataclass(frozen=True)
 class JobContext:
-    """The job a handler is running for."""
+    """The job a handler is running for: `id`, `task`, `queue`, `attempt`, `max_attempts`
+    and `worker`, read-only by convention.
 
-    id: int
-    task: str
-    queue: str
-    attempt: int
-    max_attempts: int
-    worker: str
-    # hands a progress report (job id, attempt, report) to the worker, from any thread;
-    # None in a process child
-    _report: Callable[[int, int, dict[str, Any]], None] | None = field(
-        default=None, repr=False, compare=False
-    )
-    # "cancel" is set by the worker when a cancel request for this job arrives (a dict, not
-    # a threading.Event: this is built for every job, and a flag read across threads is all
-    # a handler needs)
-    _flags: dict[str, bool] = field(default_factory=dict, repr=False, compare=False)
+    A plain class with slots, not a dataclass: one is built for every job a worker
+    claims, and a frozen dataclass's per-field `object.__setattr__` cost measurable drain
+    throughput (about 1 µs a job).
+    """
+
+    __slots__ = ("_cancel", "_report", "_started", "attempt", "id", "max_attempts", "queue", "task", "worker")
+
+    def __init__(
+        self,
+        id: int,
+        task: str,
+        queue: str,
+        attempt: int,
+        max_attempts: int,
+        worker: str,
+        _report: Callable[[int, int, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.id = id
+        self.task = task
+        self.queue = queue
+        self.attempt = attempt
+        self.max_attempts = max_attempts
+        self.worker = worker
+        # hands a progress report (job id, attempt, report) to the worker, from any
+        # thread; None in a process child
+        self._report = _report
+        # set by the worker: a cancel request arrived; the attempt's task runs by now
+        self._cancel = False
+        self._started = False
+
+    def __repr__(self) -> str:
+        return (
+            f"JobContext(id={self.id}, task={self.task!r}, queue={self.queue!r}, attempt={self.attempt}, "
+            f"max_attempts={self.max_attempts}, worker={self.worker!r})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, JobContext):
+            return NotImplemented
+        return (self.id, self.attempt, self.worker) == (other.id, other.attempt, other.worker)
+
+    def __hash__(self) -> int:
+        return hash((self.id, self.attempt, self.worker))
 
     @property
     def cancelled(self) -> bool:
         """Whether someone asked for this job to stop (`pgqueue cancel`, `app.cancel`)."""
-        return "cancel" in self._flags
+        return self._cancel
 
     def cancel_requested(self) -> bool:
         """`cancelled`, as a method to pass around."""
-        return "cancel" in self._flags
+        return self._cancel
 
     def request_cancel(self) -> None:
         """The worker's side: a cancel request for this job arrived."""
-        self._flags["cancel"] = True
+        self._cancel = True
 
     def raise_if_cancelled(self) -> None:
         """Raise `Cancelled` when the job was asked to stop: the check a sync handler makes
         between steps (an async handler is cancelled where it awaits, a process child killed)."""
-        if "cancel" in self._flags:
+        if self._cancel:
             raise Cancelled(f"job {self.id} was cancelled while running")
 
     def progress(

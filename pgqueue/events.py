@@ -88,9 +88,9 @@ class EventStream:
         while True:
             got = False
             for notification in self._connection.notifies(timeout=timeout, stop_after=1):
+                got = True  # even a payload that is not ours: the wait was not in vain
                 event = JobEvent.parse(notification.payload)
                 if event is not None:
-                    got = True
                     yield event
             if not got and timeout is not None:
                 return
@@ -138,9 +138,9 @@ class AsyncEventStream:
         while True:
             got = False
             async for notification in self._connection.notifies(timeout=timeout, stop_after=1):
+                got = True
                 event = JobEvent.parse(notification.payload)
                 if event is not None:
-                    got = True
                     yield event
             if not got and timeout is not None:
                 return

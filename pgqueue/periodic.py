@@ -3,8 +3,9 @@
 Standard 5-field cron expressions are parsed by `cronsim` (kept, small, handles time
 zones and daylight-saving changes the way cron does). Two forms it lacks are read here:
 the aliases (`@hourly`, `@daily`, ...), which are fixed expressions, and `@every 30s`
-(s, m, h or d), whose ticks are multiples of the interval since the epoch, so every
-worker computes the same ones, which cron cannot express below a minute.
+(s, m, h or d), whose ticks are multiples of the interval since the epoch (in UTC,
+whatever the schedule's time zone), so every worker computes the same ones, which cron
+cannot express below a minute.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ ALIASES = {
 EVERY = re.compile(r"@every\s+(\d+)\s*([smhd])")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_EVERY_SECONDS = 10 * 365 * 86400
 
 
 class InvalidScheduleError(ConfigurationError):
@@ -55,13 +57,22 @@ class Timetable:
             raise InvalidScheduleError(
                 f"unknown time zone {self.timezone!r} (an IANA name, e.g. Europe/Paris)"
             ) from None
-        every = self._every()
-        if every is not None:
-            if every <= timedelta(0):
-                raise InvalidScheduleError(f"{self.cron!r}: the interval must be positive")
+        if not isinstance(self.cron, str):
+            raise InvalidScheduleError(f"a cron expression is a string, got {type(self.cron).__name__}")
+        match = EVERY.fullmatch(self.cron.strip())
+        if match is not None:
+            if not 0 < int(match[1]) * UNITS[match[2]] <= MAX_EVERY_SECONDS:
+                raise InvalidScheduleError(
+                    f"{self.cron!r}: the interval must be positive and at most 10 years"
+                )
             return
         if self.cron.strip().startswith("@every"):
             raise InvalidScheduleError(f"{self.cron!r}: write '@every <n>s', m, h or d (e.g. '@every 30s')")
+        if len(self._expression().split()) != 5:
+            raise InvalidScheduleError(
+                f"bad cron expression {self.cron!r}: 5 fields (minute hour day-of-month month "
+                "day-of-week), an alias such as @daily, or '@every 30s'"
+            )
         try:
             CronSim(self._expression(), datetime.now(self.zone))
         except CronSimError as error:
@@ -80,8 +91,12 @@ class Timetable:
         if every is not None:
             periods = (moment - EPOCH) // every
             return EPOCH + (periods + 1) * every
-        tick = next(CronSim(self._expression(), moment.astimezone(self.zone)))
-        return tick.astimezone(UTC)
+        # In the hour a daylight-saving change repeats, cronsim can answer the hour's first
+        # pass (already gone): walk on to a tick that really is later.
+        ticks = CronSim(self._expression(), moment.astimezone(self.zone))
+        while (tick := next(ticks).astimezone(UTC)) <= moment:
+            pass
+        return tick
 
     def last_at_or_before(self, moment: datetime) -> datetime:
         """The latest tick at or before `moment`."""
@@ -90,7 +105,14 @@ class Timetable:
             return EPOCH + ((moment - EPOCH) // every) * every
         # cronsim's reverse walk starts strictly before its start: start just after `moment`
         start = (moment + timedelta(microseconds=1)).astimezone(self.zone)
-        return next(CronSim(self._expression(), start, reverse=True)).astimezone(UTC)
+        ticks = CronSim(self._expression(), start, reverse=True)
+        while (tick := next(ticks).astimezone(UTC)) > moment:
+            pass
+        # around a daylight-saving change the reverse walk can pass over a tick: the
+        # forward walk, which handles it, has the last word
+        while (following := self.next_after(tick)) <= moment:
+            tick = following
+        return tick
 
     def period(self, around: datetime) -> timedelta:
         """The time from one tick to the next near `around` (for the unique key's window)."""

@@ -28,40 +28,54 @@ class Fetcher(Protocol):
 
 
 def drive(connection: psycopg.Connection[Any], plan: Plan[T]) -> T:
-    """Run `plan` on a sync connection and return what it returns."""
-    rows: Rows = None
+    """Run `plan` on a sync connection and return what it returns. A statement's error is
+    raised inside the plan, at its `yield`: a plan may handle it and go on."""
     try:
+        step = plan.send(None)
         while True:
-            statement, params = plan.send(rows)
-            cursor = connection.cursor(row_factory=psycopg.rows.tuple_row)
-            cursor.execute(statement, params)
-            rows = cursor.fetchall() if cursor.description is not None else None
+            try:
+                cursor = connection.cursor(row_factory=psycopg.rows.tuple_row)
+                cursor.execute(*step)
+                rows = cursor.fetchall() if cursor.description is not None else None
+            except Exception as error:
+                step = plan.throw(error)
+            else:
+                step = plan.send(rows)
     except StopIteration as finished:
         result: T = finished.value
         return result
 
 
 async def drive_async(connection: psycopg.AsyncConnection[Any], plan: Plan[T]) -> T:
-    """Run `plan` on an async connection and return what it returns."""
-    rows: Rows = None
+    """Run `plan` on an async connection and return what it returns (errors as `drive`)."""
     try:
+        step = plan.send(None)
         while True:
-            statement, params = plan.send(rows)
-            cursor = connection.cursor(row_factory=psycopg.rows.tuple_row)
-            await cursor.execute(statement, params)
-            rows = await cursor.fetchall() if cursor.description is not None else None
+            try:
+                cursor = connection.cursor(row_factory=psycopg.rows.tuple_row)
+                await cursor.execute(*step)
+                rows = await cursor.fetchall() if cursor.description is not None else None
+            except Exception as error:
+                step = plan.throw(error)
+            else:
+                step = plan.send(rows)
     except StopIteration as finished:
         result: T = finished.value
         return result
 
 
 async def drive_worker(connection: Fetcher, plan: Plan[T]) -> T:
-    """Run `plan` on a worker's connection (each statement within its timeout)."""
-    rows: Rows = None
+    """Run `plan` on a worker's connection, each statement within its timeout (errors as
+    `drive`)."""
     try:
+        step = plan.send(None)
         while True:
-            statement, params = plan.send(rows)
-            rows = await connection.fetch(statement, params or ())
+            try:
+                rows: Rows = await connection.fetch(step[0], step[1] or ())
+            except Exception as error:
+                step = plan.throw(error)
+            else:
+                step = plan.send(rows)
     except StopIteration as finished:
         result: T = finished.value
         return result

@@ -30,7 +30,6 @@ class RunningJobs(dict[Attempt, "asyncio.Task[None]"]):
         self._worker = worker
         self._tasks = tasks
         self.contexts: dict[Attempt, JobContext] = {}
-        self.started: set[Attempt] = set()  # whose task runs the attempt by now
 
     def cancel_jobs(self, job_ids: set[int]) -> None:
         """Stop these jobs if they run here: cancel an async handler's task (a process
@@ -43,7 +42,7 @@ class RunningJobs(dict[Attempt, "asyncio.Task[None]"]):
             task = self._tasks.get(context.task)
             log.info("job %d (%s) cancelled while running: stopping it", key[0], context.task)
             running = self.get(key)
-            if running is not None and key in self.started and (task is None or task.executor != "thread"):
+            if running is not None and context._started and (task is None or task.executor != "thread"):
                 running.cancel()
 
     def leases_lost(self, attempts: set[Attempt]) -> None:

@@ -25,8 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
+from .connection import is_link_failure
 from .errors import ConfigurationError
 from .models import NAME_PATTERN, validate_task_name
+from .outcomes import describe
 from .payloads import encode_json
 from .periodic import MISSED, InvalidScheduleError, Missed, Timetable
 from .plans import Plan, drive, drive_async
@@ -41,6 +43,7 @@ log = logging.getLogger("pgqueue")
 SCHEDULE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
 # How many due schedules one pass looks at; the rest wait for the next pass.
 PASS_LIMIT = 100
+MIN_SLEEP = 0.01
 MAX_ARGS_BYTES = 100_000
 
 
@@ -74,14 +77,28 @@ class Schedule:
         Timetable(self.cron, self.timezone)  # raises InvalidScheduleError
         if self.missed not in MISSED:
             raise InvalidScheduleError(f"missed must be one of {', '.join(MISSED)}; got {self.missed!r}")
-        if isinstance(self.max_catch_up, bool) or not 1 <= self.max_catch_up <= 10_000:
-            raise InvalidScheduleError(f"max_catch_up must be 1 to 10000, got {self.max_catch_up!r}")
-        if self.queue is not None and not NAME_PATTERN.fullmatch(self.queue):
+        if not _integer(self.max_catch_up, 1, 10_000):
+            raise InvalidScheduleError(
+                f"max_catch_up must be an integer from 1 to 10000, got {self.max_catch_up!r}"
+            )
+        if self.queue is not None and (
+            not isinstance(self.queue, str) or not NAME_PATTERN.fullmatch(self.queue)
+        ):
             raise InvalidScheduleError(f"invalid queue name {self.queue!r}")
-        if self.max_attempts is not None and self.max_attempts < 1:
-            raise InvalidScheduleError(f"max_attempts must be at least 1, got {self.max_attempts}")
-        if self.timeout_seconds is not None and not self.timeout_seconds > 0:
-            raise InvalidScheduleError(f"timeout must be positive, got {self.timeout_seconds}")
+        if self.priority is not None and not _integer(self.priority, -32768, 32767):
+            raise InvalidScheduleError(
+                f"priority must be an integer from -32768 to 32767, got {self.priority!r}"
+            )
+        if self.max_attempts is not None and not _integer(self.max_attempts, 1, 2**31 - 1):
+            raise InvalidScheduleError(
+                f"max_attempts must be an integer of at least 1, got {self.max_attempts!r}"
+            )
+        if self.timeout_seconds is not None and not (
+            isinstance(self.timeout_seconds, int | float) and 0 < self.timeout_seconds <= 315_360_000
+        ):
+            raise InvalidScheduleError(
+                f"timeout must be positive, at most 10 years, got {self.timeout_seconds!r}"
+            )
         if not isinstance(self.args, dict):
             raise InvalidScheduleError(
                 f"args must be a dict of keyword arguments, got {type(self.args).__name__}"
@@ -106,6 +123,10 @@ class Schedule:
             "max_catch_up": self.max_catch_up,
             "source": source,
         }
+
+
+def _integer(value: object, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 @dataclass(frozen=True)
@@ -171,16 +192,30 @@ def fire_plan(now: datetime | None = None) -> Plan[tuple[list[Fired], float | No
         # the tick's key outlives its job by two periods: long enough that a schedule
         # removed and added back cannot fire that tick again
         window = max(2 * (timetable.next_after(following) - following), timedelta(minutes=1))
-        result = yield (
-            query("fire_schedule"),
-            {"name": name, "expected": next_run_at, "ticks": ticks, "next": following, "window": window},
-        )
+        step = {"name": name, "expected": next_run_at, "ticks": ticks, "next": following, "window": window}
+        try:
+            result = yield query("fire_schedule"), step
+        except psycopg.Error as error:
+            if is_link_failure(error):
+                raise
+            # e.g. its queue is full, or its options do not fit the task: say so, move the
+            # schedule on past these ticks, and let the other schedules fire
+            log.error(
+                "schedule %r: could not enqueue tick(s) %s (%s); skipped, next at %s",
+                name,
+                ", ".join(tick.isoformat() for tick in ticks) or "-",
+                describe(error),
+                following.isoformat(),
+            )
+            yield query("fire_schedule"), {**step, "ticks": []}
+            continue
         fired += [Fired(name, tick, int(job_id), bool(duplicate)) for tick, job_id, duplicate in result or []]
         if len(ticks) > 1:
             log.info("schedule %r: caught up %d missed tick(s) (missed=%r)", name, len(ticks), missed)
     rows = yield query("next_schedule_in"), {"now": now}
     seconds = rows[0][0] if rows else None
-    return fired, (None if seconds is None else max(0.0, float(seconds)))
+    # never less than a few milliseconds: a tick that is due now is fired by the next pass
+    return fired, (None if seconds is None else max(MIN_SLEEP, float(seconds)))
 
 
 def fire_due_schedules(connection: psycopg.Connection[Any], now: datetime | None = None) -> list[Fired]:

@@ -387,7 +387,7 @@ class Worker:
             hooks.emit(JobStarted(self.worker_id, job, max(0.0, waited)))
         try:
             # from here on a cancellation of this task reaches the handler's outcome
-            self._running.started.add((job.id, job.attempt))
+            context._started = True
             outcome = await run_attempt(
                 job, context, self.app.tasks, self._executors, self.settings, lambda: self._releasing
             )
@@ -395,7 +395,6 @@ class Worker:
             _current.reset(token)
             self._running.pop((job.id, job.attempt), None)
             self._running.contexts.pop((job.id, job.attempt), None)
-            self._running.started.discard((job.id, job.attempt))
             assert self._slot_freed
             self._slot_freed.set()
         seconds = time.monotonic() - started

@@ -377,3 +377,39 @@ def test_a_job_released_or_snoozed_after_its_cancel_request_ends_cancelled(
             (job_id, outcome),
         ).fetchall()
         assert rows == [(job_id, "cancelled")], outcome
+
+
+def test_a_request_ends_with_its_job_and_a_redrive_runs_again(
+    app: App, connection: psycopg.Connection[Any]
+) -> None:
+    (job_id,) = connection.execute("select pgqueue.enqueue('t')").fetchone() or (0,)
+    connection.execute("select * from pgqueue.claim_jobs('w1', array['default'], 1, 30)")
+    connection.execute("select pgqueue.cancel(%s)", (job_id,))
+    connection.execute(
+        "select * from pgqueue.complete_jobs_v2('w1', array[%s]::bigint[], array[1], array['cancelled'],"
+        " array[null]::jsonb[], array[null]::jsonb[], array[null]::float8[], array[null]::timestamptz[],"
+        " array[null]::timestamptz[])",
+        (job_id,),
+    )
+    assert connection.execute("select count(*) from pgqueue.cancel_requests").fetchone() == (0,)
+    # redriven: it runs again, and no old request cancels it
+    assert app.retry(job_id)
+    connection.execute("select * from pgqueue.prune_job_control()")
+    assert app.get_job(job_id).state == JobState.QUEUED
+
+
+def test_the_leader_keeps_a_request_whose_job_a_worker_claimed_again(
+    connection: psycopg.Connection[Any],
+) -> None:
+    (job_id,) = connection.execute("select pgqueue.enqueue('t')").fetchone() or (0,)
+    connection.execute("select * from pgqueue.claim_jobs('w1', array['default'], 1, 30)")
+    connection.execute("select pgqueue.cancel(%s)", (job_id,))
+    # rescued to the queue and claimed by another worker before the leader's sweep ran
+    connection.execute("select pgqueue.release_jobs('w1', array[]::bigint[])")
+    connection.execute("select * from pgqueue.claim_jobs('w2', array['default'], 1, 30)")
+    connection.execute("select * from pgqueue.prune_job_control()")
+    # kept: w2's heartbeat reports it
+    rows = connection.execute(
+        "select cancel from pgqueue.heartbeat_v3('w2', array[%s]::bigint[], array[1], 30)", (job_id,)
+    ).fetchall()
+    assert rows == [(True,)]

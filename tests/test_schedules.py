@@ -151,12 +151,12 @@ def test_a_schedule_added_in_sql_with_a_bad_expression_is_paused_not_retried(
     ("arguments", "message"),
     [
         ({"cron": "61 * * * *"}, "bad cron expression '61 \\* \\* \\* \\*': Bad minute"),
-        ({"cron": "* * *"}, "Wrong number of fields"),
+        ({"cron": "* * *"}, "5 fields"),
         ({"cron": "@every 0s"}, "must be positive"),
         ({"cron": "@every soon"}, "write '@every <n>s'"),
         ({"timezone": "Mars/Olympus"}, "unknown time zone 'Mars/Olympus'"),
         ({"missed": "some"}, "missed must be one of latest, skip, all"),
-        ({"max_catch_up": 0}, "max_catch_up must be 1 to 10000"),
+        ({"max_catch_up": 0}, "max_catch_up must be an integer from 1 to 10000"),
         ({"name": "no spaces"}, "schedule names are"),
         ({"args": {"when": datetime.now()}}, "args are not JSON"),
     ],
@@ -224,3 +224,53 @@ def test_four_worker_processes_fire_each_tick_once_and_a_restart_runs_the_latest
     jumps = [gap for gap in gaps if gap != 1.0]
     assert len(jumps) == 1 and jumps[0] >= 3, gaps
     assert "declared 1 periodic schedule(s)" in workers[0].output()
+
+
+def test_the_hour_daylight_saving_repeats_fires_each_tick_once_and_plans_ahead() -> None:
+    from pgqueue.periodic import Timetable
+
+    # New York, 3 November 2024: 01:00-02:00 happens twice (EDT, then EST)
+    table = Timetable("30 1 * * *", "America/New_York")
+    repeated = datetime(2024, 11, 3, 6, 10, tzinfo=UTC)  # 01:10 EST, the hour's second pass
+    assert table.next_after(repeated) == datetime(2024, 11, 4, 6, 30, tzinfo=UTC)  # never the past
+    assert table.last_at_or_before(repeated) == datetime(2024, 11, 3, 5, 30, tzinfo=UTC)  # 01:30 EDT
+    assert table.due(datetime(2024, 11, 3, 5, 30, tzinfo=UTC), repeated, "all", 10) == [
+        datetime(2024, 11, 3, 5, 30, tzinfo=UTC)
+    ]
+
+
+def test_a_schedule_that_cannot_enqueue_is_skipped_and_the_others_still_fire(
+    app: App, connection: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    app.schedules.add("blocked", "report", "* * * * *", queue="full")
+    app.schedules.add("fine", "report", "* * * * *")
+    connection.execute("select pgqueue.enqueue('report', queue => 'full')")
+    app.controls.limit("full", max_depth=1)
+    fire_due_schedules(connection, now=T0)
+    fired = fire_due_schedules(connection, now=T0 + timedelta(minutes=1, seconds=1))
+    assert [f.schedule for f in fired] == ["fine"]
+    assert "schedule 'blocked': could not enqueue tick(s) 2030-01-07T12:01:00+00:00" in caplog.text
+    assert "skipped, next at 2030-01-07T12:02:00+00:00" in caplog.text
+    # moved on: the next pass fires both again when there is room
+    app.controls.limit("full", max_depth=None)
+    fired = fire_due_schedules(connection, now=T0 + timedelta(minutes=2, seconds=1))
+    assert sorted(f.schedule for f in fired) == ["blocked", "fine"]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"priority": 40000}, "priority must be an integer from -32768 to 32767"),
+        ({"max_catch_up": "5"}, "max_catch_up must be an integer"),
+        ({"max_catch_up": 5.5}, "max_catch_up must be an integer"),
+        ({"cron": "@every 99999999999d"}, "at most 10 years"),
+        ({"cron": "0 * * * * *"}, "5 fields"),
+        ({"cron": 5}, "a cron expression is a string"),
+    ],
+)
+def test_options_a_schedule_cannot_store_are_refused_when_declared(
+    app: App, options: dict[str, Any], message: str
+) -> None:
+    arguments = {"cron": "* * * * *", **options}
+    with pytest.raises(InvalidScheduleError, match=message):
+        app.schedules.add("odd", "report", arguments.pop("cron"), **arguments)

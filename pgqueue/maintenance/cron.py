@@ -26,11 +26,15 @@ class Cron:
         self.next_tick_in: float | None = None
 
     async def round(self) -> None:
-        try:
-            if self._undeclared:
+        if self._undeclared:
+            try:
                 await drive_worker(self._connection, declare_plan(self._undeclared, "code"))
                 log.info("declared %d periodic schedule(s)", len(self._undeclared))
                 self._undeclared = []
+            except (DatabaseUnavailable, psycopg.Error) as error:
+                # fire the schedules already stored all the same; declare again next round
+                log.warning("could not store this app's periodic schedules (%s)", describe(error))
+        try:
             fired, self.next_tick_in = await drive_worker(self._connection, fire_plan())
         except DatabaseUnavailable:
             self.next_tick_in = None
@@ -38,6 +42,11 @@ class Cron:
         except psycopg.Error as error:
             self.next_tick_in = None
             log.error("periodic schedules: %s; trying again next round", describe(error))
+            return
+        except Exception:
+            # a bug must not end the maintenance loop, and with it the rescue of jobs
+            self.next_tick_in = None
+            log.exception("periodic schedules failed; trying again next round")
             return
         for tick in fired:
             log.info(

@@ -90,6 +90,8 @@ class Maintenance:
             self.leadership.leading = False  # the lease may run out meanwhile: ask again
         except psycopg.Error:
             log.exception("maintenance round failed")
+        except Exception:
+            log.exception("maintenance round failed (a bug); trying again next round")
         await self.cron.round()  # every worker's duty, leader or not
 
     async def stop(self) -> None:

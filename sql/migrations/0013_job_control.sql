@@ -112,8 +112,11 @@ begin
     loop
         if pgqueue.cancel_job(v_id) then
             v_cancelled := v_cancelled + 1;
+            delete from pgqueue.cancel_requests where job_id = v_id;
+        elsif not exists (select from pgqueue.active_jobs j where j.id = v_id) then
+            delete from pgqueue.cancel_requests where job_id = v_id;  -- it ended
         end if;
-        delete from pgqueue.cancel_requests where job_id = v_id;
+        -- else a worker claimed it meanwhile: the request stays, for its heartbeat
     end loop;
     with gone as (
         delete from pgqueue.job_progress p
@@ -229,6 +232,10 @@ begin
         insert into pgqueue.finished_jobs select * from settled s where s.state <> 'queued'
         returning finished_jobs.id, finished_jobs.state, finished_jobs.run_at
     ),
+    -- a request outlives no job (a redrive must not meet it again)
+    forgotten as (
+        delete from pgqueue.cancel_requests c using settled s where c.job_id = s.id and s.state <> 'queued'
+    ),
     requeued as (
         insert into pgqueue.active_jobs select * from settled s where s.state = 'queued'
         returning active_jobs.id, active_jobs.state, active_jobs.run_at
@@ -236,5 +243,39 @@ begin
     select f.id, f.state, f.run_at from finished f
     union all
     select r.id, r.state, r.run_at from requeued r;
+end
+$$;
+
+-- 0009's redrive, which also forgets a cancel request the job may have left (0012 ran it
+-- with pgqueue.requeue on, as here).
+create or replace function pgqueue.retry_job(p_id bigint, p_now timestamptz default null)
+returns boolean
+language plpgsql volatile set pgqueue.requeue = 'on' as $$
+declare
+    v_now timestamptz := coalesce(p_now, now());
+    v_queue text;
+begin
+    delete from pgqueue.cancel_requests where job_id = p_id;
+    with moved as (
+        delete from pgqueue.finished_jobs j
+        where j.id = p_id and j.state in ('dead', 'cancelled')
+        returning j.*
+    )
+    insert into pgqueue.active_jobs
+    select m.id, m.queue, m.task, m.args, m.priority, 'queued', 0, m.max_attempts, v_now,
+        m.timeout_seconds, m.backoff, m.backoff_base_seconds, m.backoff_max_seconds, m.backoff_jitter,
+        null, null, m.created_at, m.started_at, null, m.result,
+        m.errors || jsonb_build_array(jsonb_build_object(
+            'attempt', 0, 'at', v_now, 'worker', null, 'kind', 'redriven',
+            'error', format('redriven from %s after attempt %s', m.state, m.attempt),
+            'traceback', null)),
+        m.history
+    from moved m
+    returning queue into v_queue;
+    if v_queue is null then
+        return false;
+    end if;
+    perform pg_notify('pgqueue_jobs', v_queue);
+    return true;
 end
 $$;

@@ -9,9 +9,10 @@
 -- * A global running limit (0010) made every claim of the queue lock its row, so claims
 --   took turns even when the limit was far from binding (58% of the unlimited drain,
 --   measured). Now a claim locks it in SHARE mode, and claims overlap, while the limit
---   cannot bind: the queue's running jobs plus the slots of every live worker serving it
---   (pgqueue.worker_sessions) stay within max_running, and the claiming worker is alive
---   and asks for no more than its slots. Each overlapping claim takes at most its
+--   cannot bind: the queue's running jobs plus the slots of every worker serving it that
+--   has not stopped (pgqueue.worker_sessions, lapsed sessions included) stay within
+--   max_running, and the claiming worker's own session is current and it asks for no
+--   more than its slots. Each overlapping claim takes at most its
 --   worker's slots, so together they cannot pass the limit. Otherwise (near the limit, a
 --   worker not yet or no longer registered, a rate limit) the claim locks the row FOR
 --   UPDATE and counts exactly, as before, which waits for the shared claims to commit.
@@ -20,13 +21,15 @@ alter table pgqueue.queues
     add column max_per_worker integer constraint queues_max_per_worker_positive check (max_per_worker >= 1);
 
 -- Can queue p_queue's running limit not be passed by every live worker claiming at once?
-create function pgqueue.limit_cannot_bind(p_queue text, p_now timestamptz)
+create function pgqueue.limit_cannot_bind(p_queue text)
 returns boolean
 language sql stable as $$
     select c.max_running is not null and c.rate_per_second is null
        and (select count(*) from pgqueue.active_jobs j where j.state = 'running' and j.queue = p_queue)
+         -- every worker that has not said it stopped, its session expired or not: one
+         -- whose session lapsed a moment ago may still be claiming
          + (select coalesce(sum(w.concurrency), 0) from pgqueue.worker_sessions w
-            where p_queue = any(w.queues) and w.stopped_at is null and w.expires_at > p_now)
+            where p_queue = any(w.queues) and w.stopped_at is null)
          <= c.max_running
     from pgqueue.queues c where c.name = p_queue
 $$;
@@ -145,7 +148,7 @@ begin
               and (c.max_running is not null or c.rate_per_second is not null)
             order by c.name
         loop
-            if v_slots is not null and pgqueue.limit_cannot_bind(v_queue, v_now) then
+            if v_slots is not null and pgqueue.limit_cannot_bind(v_queue) then
                 perform 1 from pgqueue.queues c where c.name = v_queue for share;
                 v_shared := v_shared || v_queue;
             else
@@ -161,7 +164,7 @@ begin
                         -- shared: still safe now that we hold the lock? else skip it this time
                         -- (the next claim takes it exclusively)
                         when u.name = any(v_shared) then
-                            case when pgqueue.limit_cannot_bind(u.name, v_now) then p_limit else 0 end
+                            case when pgqueue.limit_cannot_bind(u.name) then p_limit else 0 end
                         else c.max_running - (select count(*) from pgqueue.active_jobs j
                                               where j.state = 'running' and j.queue = u.name)::integer
                     end,
