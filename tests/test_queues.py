@@ -292,6 +292,13 @@ def test_claims_overlap_while_a_limit_cannot_bind_and_take_turns_when_it_can(
 
     # 2 live workers x 5 slots + 0 running <= 100: the limit cannot bind, claims overlap
     assert not blocked_while_w1_claims(100)
+    # and a pause does not wait for a claim in flight either (it takes effect at the next)
+    with psycopg.connect(dsn) as first, psycopg.connect(dsn, autocommit=True) as admin:
+        first.execute("select * from pgqueue.claim_jobs('w1', array['capped'], 5, 30)")
+        admin.execute("set lock_timeout = '300ms'")
+        admin.execute("select pgqueue.pause_queue('capped')")
+        admin.execute("select pgqueue.resume_queue('capped')")
+        first.rollback()
     # 10 slots against a limit of 8: w2 must see what w1 takes, so it waits
     assert blocked_while_w1_claims(8)
 

@@ -8,7 +8,7 @@
 --   next claim.
 -- * A global running limit (0010) made every claim of the queue lock its row, so claims
 --   took turns even when the limit was far from binding (58% of the unlimited drain,
---   measured). Now a claim locks it in SHARE mode, and claims overlap, while the limit
+--   measured). Now a claim locks it in KEY SHARE mode, and claims overlap, while the limit
 --   cannot bind: the queue's running jobs plus the slots of every worker serving it that
 --   has not stopped (pgqueue.worker_sessions, lapsed sessions included) stay within
 --   max_running, and the claiming worker's own session is current and it asks for no
@@ -149,7 +149,9 @@ begin
             order by c.name
         loop
             if v_slots is not null and pgqueue.limit_cannot_bind(v_queue) then
-                perform 1 from pgqueue.queues c where c.name = v_queue for share;
+                -- KEY SHARE: claims overlap, and a pause or a new limit (an UPDATE that
+                -- changes no key) does not wait for them either
+                perform 1 from pgqueue.queues c where c.name = v_queue for key share;
                 v_shared := v_shared || v_queue;
             else
                 perform 1 from pgqueue.queues c where c.name = v_queue for update;
