@@ -216,10 +216,9 @@ class Worker:
 
     def _background_jobs(self, dsn: str) -> list[tuple[str, Any]]:
         """The loops that run beside the claim loop, each on a connection of its own."""
-        settings = self.settings
-        jobs: list[tuple[str, Any]] = []
+        settings, jobs = self.settings, []
+        assert self._wake
         if self.listen:
-            assert self._wake
             listener = Listener(
                 dsn,
                 self.queues,
@@ -257,6 +256,7 @@ class Worker:
             interval=min(settings.rescue_interval, settings.lease_seconds),
             statement_timeout=settings.statement_timeout,
             on_connect=self._connected,
+            on_capped=self._wake.set,
         )
         jobs.append(("maintenance", self.maintenance.run()))
         self._parts.append(self.maintenance)
@@ -281,12 +281,10 @@ class Worker:
             "now": None,
         }
         while not self._stopping:
-            # Threads still busy with timed-out jobs hold their slots, and outcomes the
-            # database has not taken yet hold theirs: no claiming what cannot start or be kept.
-            backlog = max(0, len(self._completer.unrecorded_ids()) - self.concurrency)
+            backlog = max(0, len(self._completer.unrecorded_ids()) - self.concurrency)  # held slots
             free = self.concurrency - len(self._running) - self._executors.lingering - backlog
+            self._slot_freed.clear()
             if free <= 0:
-                self._slot_freed.clear()
                 await self._wait_any(self._slot_freed, timeout=self.settings.poll_interval)
                 continue
             self._wake.clear()
@@ -323,9 +321,12 @@ class Worker:
             if not rows and self.burst and not self._running and await self._queues_drained():
                 log.info("worker %s: queues empty, burst mode ends", self.worker_id)
                 return
-            # Idle: NOTIFY wakes us for new jobs; the poll catches scheduled ones and
-            # anything a pooler's lost notification would hide.
-            await self._wait_any(self._wake, timeout=self.settings.poll_interval)
+            # Idle: NOTIFY wakes us for new jobs; the poll catches scheduled ones and what a
+            # pooler's lost notification hides. A limit may have capped the claim: then a
+            # job of ours ending (or its outcome stored) is worth another claim too.
+            capped = self.maintenance.capped and (self._running or self._completer.unrecorded())
+            ended = self._slot_freed if capped else self._wake
+            await self._wait_any(self._wake, ended, timeout=self.settings.poll_interval)
 
     def _held_ids(self) -> list[int]:
         """Jobs this worker answers for: running here, or finished with the outcome not yet stored."""
@@ -349,9 +350,9 @@ class Worker:
             return False
         return not rows or rows[0][0] is None
 
-    async def _wait_any(self, event: asyncio.Event, timeout: float | None = None) -> None:
+    async def _wait_any(self, *events: asyncio.Event, timeout: float | None = None) -> None:
         assert self._stop_event
-        waiters = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(self._stop_event.wait())]
+        waiters = [asyncio.ensure_future(event.wait()) for event in {*events, self._stop_event}]
         try:
             await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:

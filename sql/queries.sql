@@ -93,6 +93,11 @@ select pgqueue.cancel_job(%(id)s)
 -- 'already <state>' when it had ended, or null when there is no such job.
 select pgqueue.cancel(%(id)s)
 
+-- name: capped_queues
+-- Whether any of these queues has a limit that can cap a claim.
+select exists (select from pgqueue.queues c where c.name = any(%(queues)s::text[])
+               and (c.max_running is not null or c.max_per_worker is not null or c.rate_per_second is not null))
+
 -- name: cancel_requested
 -- Which of these running jobs have a cancel request (a worker that starts listening looks,
 -- for those sent before it listened).

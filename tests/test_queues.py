@@ -337,3 +337,20 @@ def test_a_cap_per_worker_changed_at_run_time(new_app: Callable[..., App]) -> No
     assert max(peaks.values()) > 2 and max(peaks.values()) <= 5
     with pytest.raises(ConfigurationError, match="max_per_worker"):
         app.controls.limit("per_worker", max_per_worker=0)
+
+
+def test_a_capped_worker_claims_again_as_its_jobs_end_not_at_its_next_poll(
+    new_app: Callable[..., App], dsn: str
+) -> None:
+    # a 30 s poll, and no new job to NOTIFY about: only the end of a job can wake the claim
+    app = new_app(poll_interval=30.0)
+
+    @app.task(name="quick", queue="one_at_a_time")
+    async def quick() -> None:
+        return None
+
+    ids = quick.enqueue_many(None, [{}] * 20)
+    app.controls.limit("one_at_a_time", max_per_worker=1)
+    with running_worker(app, concurrency=4):
+        states = wait_for_states(dsn, ids, ["succeeded"], timeout=20)
+    assert set(states.values()) == {"succeeded"}

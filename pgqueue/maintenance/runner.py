@@ -11,6 +11,7 @@ import psycopg
 from ..connection import DatabaseUnavailable, WorkerConnection
 from ..hooks import Hooks
 from ..schedules import Schedule
+from ..sql import query
 from .cron import Cron
 from .leader import Leadership
 from .presence import Presence, prune_sessions
@@ -43,12 +44,18 @@ class Maintenance:
         interval: float,
         statement_timeout: float,
         on_connect: Callable[[str, bool], None] | None = None,
+        on_capped: Callable[[], None] | None = None,
     ) -> None:
         self._connection = WorkerConnection(dsn, "maintenance", statement_timeout, on_connect)
         self._interval = interval
         self._worker = worker
         self._hooks = hooks
         self.cron = Cron(self._connection, schedules)
+        self._queues = queues
+        self._on_capped = on_capped
+        # whether a queue of this worker has a limit that can cap its claims (the claim
+        # loop then claims again when one of its jobs ends, not only on NOTIFY)
+        self.capped = False
         self._priority_aging = priority_aging
         self.leadership = Leadership(self._connection, DUTY, worker, term=3 * interval)
         # lost when not seen for three rounds, a round's calls given their full time
@@ -74,6 +81,10 @@ class Maintenance:
         """One pass: the lead, then each duty; a failure is logged, never fatal."""
         try:
             await self.presence.seen()
+            rows = await self._connection.fetch(query("capped_queues"), {"queues": self._queues})
+            capped, self.capped = self.capped, bool(rows and rows[0][0])
+            if self.capped and not capped and self._on_capped is not None:
+                self._on_capped()  # a claim loop waiting for NOTIFY only: look again now
         except DatabaseUnavailable:
             pass  # the lead below will fail the same way and say so
         except psycopg.Error:
