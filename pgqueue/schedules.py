@@ -32,6 +32,7 @@ from .outcomes import describe
 from .payloads import encode_json
 from .periodic import MISSED, InvalidScheduleError, Missed, Timetable
 from .plans import Plan, drive, drive_async
+from .producer import MAX_ARGS_BYTES
 from .settings import Settings
 from .sql import query
 
@@ -44,7 +45,6 @@ SCHEDULE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
 # How many due schedules one pass looks at; the rest wait for the next pass.
 PASS_LIMIT = 100
 MIN_SLEEP = 0.01
-MAX_ARGS_BYTES = 100_000
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ class Schedule:
         try:
             encode_json(self.args, MAX_ARGS_BYTES)
         except (TypeError, ValueError) as error:
-            raise InvalidScheduleError(f"args are not JSON: {error}") from None
+            raise InvalidScheduleError(f"args cannot be stored: {error}") from None
 
     def params(self, source: str) -> dict[str, Any]:
         return {

@@ -126,3 +126,9 @@ def cpu_until_cancelled(marker: str) -> None:
     """Runs until stopped; leaves its pid in `marker`."""
     Path(marker).write_text(str(os.getpid()))
     time.sleep(600)
+
+
+@app.task(name="cpu_reports_progress", executor="process", max_attempts=1)
+def cpu_reports_progress() -> None:
+    """Tries to report progress from a process-pool child, which cannot."""
+    current_job().progress(1, 2)

@@ -172,3 +172,11 @@ def _listening(dsn: str) -> bool:
             " where datname = current_database() and query like 'listen%%'"
         ).fetchone()
     return bool(row and row[0])
+
+
+def test_subscribing_to_a_database_that_is_down_is_a_typed_error() -> None:
+    from pgqueue import DatabaseUnavailableError, Settings
+
+    app = App(Settings(dsn="postgresql://nobody@127.0.0.1:1/nowhere", connect_timeout=1))
+    with pytest.raises(DatabaseUnavailableError, match="cannot subscribe to events"):
+        app.subscribe()

@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -285,6 +286,8 @@ def test_a_snoozed_job_comes_back_later_without_spending_an_attempt(new_app: Cal
     assert runs == [1, 1, 1] and job.attempt == 1 and job.errors == [] and job.history == []
     with pytest.raises(InvalidJobError):
         Snooze(-1)
+    with pytest.raises(InvalidJobError, match="10 years"):
+        Snooze(timedelta(days=3660))
 
 
 def test_wait_returns_the_result_raises_the_final_error_or_times_out(new_app: Callable[..., App]) -> None:
@@ -413,3 +416,12 @@ def test_the_leader_keeps_a_request_whose_job_a_worker_claimed_again(
         "select cancel from pgqueue.heartbeat_v3('w2', array[%s]::bigint[], array[1], 30)", (job_id,)
     ).fetchall()
     assert rows == [(True,)]
+
+
+def test_progress_from_a_process_pool_child_fails_the_attempt_with_a_clear_error(sample: App) -> None:
+    from tests.sample_app import cpu_reports_progress
+
+    handle = cpu_reports_progress.enqueue(None)
+    with running_worker(sample), pytest.raises(JobFailedError) as failed:
+        handle.wait(timeout=30)
+    assert "progress() is not available in a process-pool handler" in failed.value.errors[-1]["error"]

@@ -337,6 +337,11 @@ def test_a_cap_per_worker_changed_at_run_time(new_app: Callable[..., App]) -> No
     assert max(peaks.values()) > 2 and max(peaks.values()) <= 5
     with pytest.raises(ConfigurationError, match="max_per_worker"):
         app.controls.limit("per_worker", max_per_worker=0)
+    with (
+        psycopg.connect(app.dsn, autocommit=True) as connection,
+        pytest.raises(psycopg.errors.InvalidParameterValue, match="max_per_worker must be at least 1"),
+    ):
+        connection.execute("select pgqueue.limit_queue('per_worker', null, null, null, null, -2)")
 
 
 def test_a_capped_worker_claims_again_as_its_jobs_end_not_at_its_next_poll(

@@ -158,7 +158,7 @@ def test_a_schedule_added_in_sql_with_a_bad_expression_is_paused_not_retried(
         ({"missed": "some"}, "missed must be one of latest, skip, all"),
         ({"max_catch_up": 0}, "max_catch_up must be an integer from 1 to 10000"),
         ({"name": "no spaces"}, "schedule names are"),
-        ({"args": {"when": datetime.now()}}, "args are not JSON"),
+        ({"args": {"when": datetime.now()}}, "args cannot be stored"),
     ],
 )
 def test_bad_schedules_are_typed_errors_at_declaration(
@@ -266,11 +266,13 @@ def test_a_schedule_that_cannot_enqueue_is_skipped_and_the_others_still_fire(
         ({"cron": "@every 99999999999d"}, "at most 10 years"),
         ({"cron": "0 * * * * *"}, "5 fields"),
         ({"cron": 5}, "a cron expression is a string"),
+        ({"task": "not a task name"}, "task names are"),
+        ({"args": {"blob": "x" * 2_000_000}}, "args cannot be stored"),
     ],
 )
 def test_options_a_schedule_cannot_store_are_refused_when_declared(
     app: App, options: dict[str, Any], message: str
 ) -> None:
-    arguments = {"cron": "* * * * *", **options}
+    arguments = {"cron": "* * * * *", "task": "report", **options}
     with pytest.raises(InvalidScheduleError, match=message):
-        app.schedules.add("odd", "report", arguments.pop("cron"), **arguments)
+        app.schedules.add("odd", arguments.pop("task"), arguments.pop("cron"), **arguments)
