@@ -323,9 +323,8 @@ class Worker:
                 return
             # Idle: NOTIFY wakes us for new jobs; the poll catches scheduled ones and what a
             # pooler's lost notification hides. A limit may have capped the claim: then a
-            # job of ours ending (or its outcome stored) is worth another claim too.
-            capped = self.maintenance.capped and (self._running or self._completer.unrecorded())
-            ended = self._slot_freed if capped else self._wake
+            # job of ours ending or its outcome stored, even during the claim, is worth another.
+            ended = self._slot_freed if self.maintenance.capped else self._wake
             await self._wait_any(self._wake, ended, timeout=self.settings.poll_interval)
 
     def _held_ids(self) -> list[int]:
