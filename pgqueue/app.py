@@ -18,7 +18,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from . import control, producer
 from . import schedules as scheduling
-from .database import redact, resolve_dsn
+from .database import connect, redact, resolve_dsn
 from .eager import EagerRunner
 from .errors import ConfigurationError, DatabaseUnavailableError, QueueFull, UnknownTaskError
 from .events import AsyncEventStream, EventStream
@@ -27,6 +27,13 @@ from .migrate import migrate, migrate_async, schema_required
 from .models import Job, JobId, JobOptions, JobState, RetryPolicy, validate_options, validate_task_name
 from .periodic import Missed
 from .plans import drive, drive_async
+from .pooling import (
+    async_pool_configure,
+    is_lost_prepared_statement,
+    lost_prepared_statement,
+    permission_denied,
+    pool_configure,
+)
 from .queues import QueueControls
 from .settings import Settings
 from .tasks import Executor, Task
@@ -294,7 +301,7 @@ class App:
         """Apply pending migrations (inside `connection`'s transaction when given)."""
         if connection is not None:
             return migrate(connection)
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
+        with self.connect() as conn:
             return migrate(conn)
 
     async def migrate_async(self, connection: AsyncConnection | None = None) -> list[int]:
@@ -304,13 +311,23 @@ class App:
             return await migrate_async(conn)
 
     def subscribe(self) -> EventStream:
-        """Listen to lifecycle events (once they are on: `pgqueue events on`); see pgqueue.events."""
-        return EventStream(self.dsn, self.settings.connect_timeout)
+        """Listen to lifecycle events (once they are on: `pgqueue events on`); see pgqueue.events.
+        Through a transaction pooler this needs PGQUEUE_LISTEN_DSN, a direct connection."""
+        listen_dsn = self.settings.listen_dsn
+        return EventStream(listen_dsn or self.dsn, self.settings.connect_timeout, direct=bool(listen_dsn))
 
     async def subscribe_async(self) -> AsyncEventStream:
-        return await AsyncEventStream.connect(self.dsn, self.settings.connect_timeout)
+        listen_dsn = self.settings.listen_dsn
+        return await AsyncEventStream.connect(
+            listen_dsn or self.dsn, self.settings.connect_timeout, direct=bool(listen_dsn)
+        )
 
     # -- connections ---------------------------------------------------------------
+
+    def connect(self) -> Connection:
+        """A connection of its own (autocommit), with prepared statements off where a pooler
+        would break them: what the command line uses."""
+        return connect(self.dsn, self.settings.prepared_statements)
 
     @property
     def dsn(self) -> str:
@@ -332,6 +349,7 @@ class App:
                     check=ConnectionPool.check_connection,
                     timeout=self.settings.connect_timeout,
                     kwargs={"connect_timeout": max(1, round(self.settings.connect_timeout))},
+                    configure=pool_configure(self.settings.prepared_statements),
                 )
             return self._pool
 
@@ -347,6 +365,7 @@ class App:
                 check=AsyncConnectionPool.check_connection,
                 timeout=self.settings.connect_timeout,
                 kwargs={"connect_timeout": max(1, round(self.settings.connect_timeout))},
+                configure=async_pool_configure(self.settings.prepared_statements),
             )
             await pool.open()
             self._async_pool = pool
@@ -387,6 +406,12 @@ class App:
             yield
         except QueueFull as full:
             self.hooks.emit(EnqueueRefused(full.queue, full.depth, full.max_depth))
+            raise
+        except psycopg.Error as error:
+            if is_lost_prepared_statement(error):
+                raise lost_prepared_statement(error) from error
+            if error.sqlstate == "42501":
+                raise permission_denied(error) from error
             raise
 
     @contextmanager

@@ -282,7 +282,7 @@ def _enqueue(arguments: argparse.Namespace) -> int:
         "unique_for": arguments.unique_for,
     }
     job = app.prepare(arguments.task, args, **options)
-    with psycopg.connect(app.dsn, autocommit=True) as connection:
+    with app.connect() as connection:
         _check(connection)
         job_id = app.insert(connection, job)
     # the id alone on stdout, as for any job; a duplicate says so on stderr
@@ -300,7 +300,7 @@ def _check(connection: psycopg.Connection[Any]) -> None:
 
 def _cancel(arguments: argparse.Namespace) -> int:
     app = _plain_app(arguments)
-    with psycopg.connect(app.dsn, autocommit=True) as connection:
+    with app.connect() as connection:
         _check(connection)
         try:
             state = app.cancel(arguments.job_id, connection)
@@ -316,7 +316,7 @@ def _cancel(arguments: argparse.Namespace) -> int:
 
 def _retry(arguments: argparse.Namespace) -> int:
     app = _plain_app(arguments)
-    with psycopg.connect(app.dsn, autocommit=True) as connection:
+    with app.connect() as connection:
         _check(connection)
         done = app.retry(arguments.job_id, connection)
         state = app.get_job(arguments.job_id, connection).state
@@ -329,7 +329,7 @@ def _retry(arguments: argparse.Namespace) -> int:
 
 def _job(arguments: argparse.Namespace) -> int:
     app = _plain_app(arguments)
-    with psycopg.connect(app.dsn, autocommit=True) as connection:
+    with app.connect() as connection:
         _check(connection)
         job = app.get_job(arguments.job_id, connection)
     print(json.dumps(job.__dict__, indent=2, default=str))
@@ -340,7 +340,7 @@ def _dead(arguments: argparse.Namespace) -> int:
     from .status import dead_letter, retry_dead_letter
 
     app = _plain_app(arguments)
-    with psycopg.connect(app.dsn, autocommit=True) as connection:
+    with app.connect() as connection:
         _check(connection)
         rows = dead_letter(connection, arguments.limit)
         if not rows:

@@ -9,12 +9,19 @@ import os
 import random
 import socket
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from psycopg.rows import tuple_row
 
 from .database import KEEPALIVES
+from .pooling import (
+    PreparedStatements,
+    is_lost_prepared_statement,
+    lost_prepared_statement,
+    settle_async,
+)
 
 log = logging.getLogger("pgqueue")
 
@@ -73,6 +80,20 @@ class Backoff:
         self.failures = 0
 
 
+@dataclass(frozen=True)
+class Link:
+    """Where a worker's connections go and how they start: one per worker (and one more for
+    LISTEN when it has a direct DSN of its own)."""
+
+    dsn: str
+    prepared: PreparedStatements = "auto"
+    on_connect: Callable[[str, bool], None] | None = None  # (role, reconnect): the Connected hook
+    direct: bool = False  # LISTEN here even behind a pooler: the user said it is direct
+
+    def open(self, role: str, timeout: float) -> WorkerConnection:
+        return WorkerConnection(self.dsn, role, timeout, self.on_connect, self.prepared)
+
+
 class WorkerConnection:
     """A dedicated autocommit connection for one role of a worker (claim, complete, ...).
 
@@ -87,10 +108,13 @@ class WorkerConnection:
         role: str,
         timeout: float,
         on_connect: Callable[[str, bool], None] | None = None,
+        prepared: PreparedStatements = "auto",
     ) -> None:
         self.dsn = dsn
         self.role = role
         self.timeout = timeout
+        self.prepared: PreparedStatements = prepared
+        self.behind_pooler = False  # learnt at each connect
         self._connection: psycopg.AsyncConnection[Any] | None = None
         self._on_connect = on_connect  # (role, reconnect): for the Connected hook
         self._connects = 0
@@ -108,6 +132,11 @@ class WorkerConnection:
                 tcp_user_timeout=int(self.timeout * 1000),
                 **KEEPALIVES,
             )
+            try:
+                self.behind_pooler = await settle_async(self._connection, self.prepared)
+            except BaseException:
+                await self.discard()
+                raise
             self._connects += 1
             if self._on_connect is not None:
                 self._on_connect(self.role, self._connects > 1)
@@ -133,7 +162,17 @@ class WorkerConnection:
             watchdog = _Watchdog(connection, deadline)
             self._in_call = True
             try:
-                return await _execute(connection, statement, params)
+                try:
+                    return await _execute(connection, statement, params)
+                except psycopg.Error as error:
+                    if not is_lost_prepared_statement(error):
+                        raise
+                    # Prepared where a pooler could not keep it: the statement never ran.
+                    # Say how to fix the setting, and go on without preparing.
+                    log.error("%s", lost_prepared_statement(error))
+                    self.prepared = "off"
+                    connection.prepare_threshold = None
+                    return await _execute(connection, statement, params)
             except asyncio.CancelledError:
                 if watchdog.cancelled_the_call():
                     raise TimeoutError(f"no reply within {timeout:g}s") from None

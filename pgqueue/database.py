@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -9,6 +11,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .embedded import embedded_dsn
 from .errors import ConfigurationError
+from .pooling import PreparedStatements, settle
 from .settings import Settings
 
 # Worker connections must notice a silently dead peer (cut cable, lost VM) in seconds,
@@ -23,8 +26,34 @@ KEEPALIVES: dict[str, Any] = {
 
 # For the watching connections (status, health, the exporter): their queries read a window
 # of recent jobs, which the planner may cost high enough to compile with JIT, a fixed 20
-# to 50 ms (measured) for a query that runs in a few.
-NO_JIT = "-c jit=off"
+# to 50 ms (measured) for a query that runs in a few. Set per transaction: a pooler refuses
+# the start-up `options` ("unsupported startup parameter") and would hand a session SET on
+# to the next client.
+_WATCHING = (
+    "select set_config('jit', 'off', true), set_config('statement_timeout', "
+    "coalesce(%(timeout)s, current_setting('statement_timeout')), true)"
+)
+
+
+@contextmanager
+def watching(connection: psycopg.Connection[Any], timeout: float | None = None) -> Iterator[None]:
+    """One transaction without JIT, each statement within `timeout` seconds when given."""
+    with connection.transaction():
+        milliseconds = None if timeout is None else f"{int(timeout * 1000)}ms"
+        connection.execute(_WATCHING, {"timeout": milliseconds}, prepare=False)
+        yield
+
+
+def connect(dsn: str, prepared: PreparedStatements = "auto", **options: Any) -> psycopg.Connection[Any]:
+    """An autocommit connection of pgqueue's own (the command line, watching), with prepared
+    statements off where a pooler would break them."""
+    connection = psycopg.connect(dsn, autocommit=True, **options)
+    try:
+        settle(connection, prepared)
+    except BaseException:
+        connection.close()
+        raise
+    return connection
 
 
 def validate_dsn(dsn: str) -> str:

@@ -80,3 +80,12 @@ class QueueFull(PgQueueError):
         self.queue = queue
         self.depth = depth
         self.max_depth = max_depth
+
+
+class PreparedStatementsLost(ConfigurationError):
+    """A connection pooler in transaction mode (PgBouncer) sits between pgqueue and the
+    server and does not keep prepared statements: the message names the setting to change."""
+
+
+class PermissionDeniedError(ConfigurationError):
+    """The database role lacks a right pgqueue needs: the message names the role to grant."""

@@ -21,7 +21,8 @@ from typing import Any
 
 import psycopg
 
-from .errors import DatabaseUnavailableError
+from .errors import ConfigurationError, DatabaseUnavailableError
+from .pooling import looks_pooled
 
 CHANNEL = "pgqueue_events"
 ENDED = ("succeeded", "dead", "cancelled")
@@ -62,16 +63,27 @@ class JobEvent:
             return None  # not ours: someone else NOTIFYing on the channel
 
 
+def _pooled() -> ConfigurationError:
+    return ConfigurationError(
+        "cannot subscribe to events through a connection pooler: a transaction pooler "
+        "(PgBouncer) hands LISTEN to a server connection other clients then use; set "
+        "PGQUEUE_LISTEN_DSN to a direct connection to the server (or to the pooler in session mode)"
+    )
+
+
 class EventStream:
     """A subscription (sync): iterate for events, or `wait_for` one. Close it when done."""
 
-    def __init__(self, dsn: str, connect_timeout: float = 5.0) -> None:
+    def __init__(self, dsn: str, connect_timeout: float = 5.0, *, direct: bool = False) -> None:
         try:
             self._connection = psycopg.connect(
                 dsn, autocommit=True, connect_timeout=max(1, int(connect_timeout))
             )
         except psycopg.OperationalError as error:
             raise DatabaseUnavailableError(f"cannot subscribe to events: {error}") from error
+        if not direct and looks_pooled(self._connection):
+            self._connection.close()
+            raise _pooled()
         self._connection.execute(f"listen {CHANNEL}")
 
     def __enter__(self) -> EventStream:
@@ -115,13 +127,18 @@ class AsyncEventStream:
         self._connection = connection
 
     @classmethod
-    async def connect(cls, dsn: str, connect_timeout: float = 5.0) -> AsyncEventStream:
+    async def connect(
+        cls, dsn: str, connect_timeout: float = 5.0, *, direct: bool = False
+    ) -> AsyncEventStream:
         try:
             connection = await psycopg.AsyncConnection.connect(
                 dsn, autocommit=True, connect_timeout=max(1, int(connect_timeout))
             )
         except psycopg.OperationalError as error:
             raise DatabaseUnavailableError(f"cannot subscribe to events: {error}") from error
+        if not direct and looks_pooled(connection):
+            await connection.close()
+            raise _pooled()
         await connection.execute(f"listen {CHANNEL}")
         return cls(connection)
 
@@ -195,7 +212,7 @@ def _events_command(arguments: Any, settings: Any) -> int:
                 for event in stream.events(timeout=arguments.seconds):
                     print(json.dumps({k: v for k, v in asdict(event).items() if v is not None}), flush=True)
             return 0
-        with psycopg.connect(app.dsn, autocommit=True) as connection:
+        with app.connect() as connection:
             if arguments.action in ("on", "off"):
                 set_events(connection, arguments.action == "on")
             enabled = events_enabled(connection)

@@ -19,7 +19,8 @@ from typing import Any, Literal
 
 import psycopg
 
-from .database import KEEPALIVES, NO_JIT
+from .database import KEEPALIVES, connect, watching
+from .pooling import PreparedStatements
 from .settings import Settings
 from .sql import query
 
@@ -46,18 +47,25 @@ class Health:
 
 
 def check_health(
-    dsn: str, *, max_ready_age: float = 300.0, dead_window: float = 900.0, timeout: float = 5.0
+    dsn: str,
+    *,
+    max_ready_age: float = 300.0,
+    dead_window: float = 900.0,
+    timeout: float = 5.0,
+    prepared: PreparedStatements = "auto",
 ) -> Health:
     """Ask the database; never raises for a database that is down (that is the answer)."""
     try:
-        with psycopg.connect(
-            dsn,
-            autocommit=True,
-            connect_timeout=max(1, int(timeout)),
-            application_name="pgqueue-health",
-            options=f"-c statement_timeout={int(timeout * 1000)} {NO_JIT}",
-            **KEEPALIVES,
-        ) as connection:
+        with (
+            connect(
+                dsn,
+                prepared,
+                connect_timeout=max(1, int(timeout)),
+                application_name="pgqueue-health",
+                **KEEPALIVES,
+            ) as connection,
+            watching(connection, timeout),
+        ):
             queues = connection.execute(query("health_queues")).fetchall()
             dead_row = connection.execute(query("health_dead_recent"), {"seconds": dead_window}).fetchone()
             live_row = connection.execute(query("health_live_workers")).fetchone()
@@ -113,4 +121,5 @@ def checker(dsn: str, settings: Settings) -> Callable[[], Health]:
         max_ready_age=settings.health_max_ready_age,
         dead_window=settings.health_dead_window,
         timeout=min(5.0, settings.statement_timeout),
+        prepared=settings.prepared_statements,
     )

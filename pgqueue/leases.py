@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import psycopg
 
-from .connection import DatabaseUnavailable, WorkerConnection
+from .connection import DatabaseUnavailable, Link
 from .sql import query
 
 log = logging.getLogger("pgqueue")
@@ -26,7 +26,7 @@ class Heartbeat:
 
     def __init__(
         self,
-        dsn: str,
+        link: Link,
         worker: str,
         lease_seconds: float,
         statement_timeout: float,
@@ -34,11 +34,8 @@ class Heartbeat:
         running: Callable[[], set[tuple[int, int]]],
         lost: Callable[[set[tuple[int, int]]], None],
         cancel: Callable[[set[int]], None],
-        on_connect: Callable[[str, bool], None] | None = None,
     ) -> None:
-        self._connection = WorkerConnection(
-            dsn, "heartbeat", min(statement_timeout, max(1.0, lease_seconds / 3)), on_connect
-        )
+        self._connection = link.open("heartbeat", min(statement_timeout, max(1.0, lease_seconds / 3)))
         self._worker = worker
         self._lease = lease_seconds
         self._held = held

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from .connection import Backoff, WorkerConnection
+from .connection import Backoff, Link
 from .outcomes import describe
 from .sql import query
 
@@ -27,7 +27,7 @@ class Listener:
 
     def __init__(
         self,
-        dsn: str,
+        link: Link,
         queues: list[str],
         wake: asyncio.Event,
         *,
@@ -36,9 +36,9 @@ class Listener:
         reconnect_max_delay: float,
         on_cancel: Callable[[set[int]], None],
         running: Callable[[], list[int]],
-        on_connect: Callable[[str, bool], None] | None = None,
     ) -> None:
-        self._connection = WorkerConnection(dsn, "listen", statement_timeout, on_connect)
+        self._connection = link.open("listen", statement_timeout)
+        self._direct = link.direct
         self._served = set(queues)
         self._wake = wake
         self._on_cancel = on_cancel
@@ -55,7 +55,8 @@ class Listener:
         try:
             while True:
                 try:
-                    await self._listen()
+                    if not await self._listen():
+                        return
                 except Exception as error:  # the listener must outlive anything the server says
                     await self._connection.discard()
                     delay = self._backoff.next_delay()
@@ -69,7 +70,19 @@ class Listener:
         finally:
             await self._connection.close()
 
-    async def _listen(self) -> None:
+    async def _listen(self) -> bool:
+        """LISTEN until the link fails; False at once when a pooler stands in the way."""
+        await self._connection.connect()
+        if self._connection.behind_pooler and not self._direct:
+            # A transaction pooler hands each transaction to any server connection: a LISTEN
+            # would hear nothing, or another client's news. Polling finds every job.
+            log.info(
+                "the database is reached through a connection pooler: this worker polls every "
+                "%.1fs instead of waiting on LISTEN; set PGQUEUE_LISTEN_DSN to a direct "
+                "connection to wake on NOTIFY",
+                self._poll_interval,
+            )
+            return False
         await self._connection.fetch(f"listen {CHANNEL}", {})
         await self._connection.fetch(f"listen {CANCEL_CHANNEL}", {})
         # requests sent before we listened (at start, or while the link was down)

@@ -10,10 +10,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import psycopg
-
 from .app import App
-from .database import NO_JIT, redact
+from .database import connect, redact, watching
 from .settings import Settings
 
 log = logging.getLogger("pgqueue")
@@ -80,9 +78,10 @@ def _status(arguments: argparse.Namespace, settings: Settings) -> int:
     from .status import overview
 
     app = App(settings)
-    with psycopg.connect(app.dsn, autocommit=True, options=NO_JIT) as connection:
+    with connect(app.dsn, settings.prepared_statements) as connection:
         check_schema(connection)
-        seen = overview(connection, arguments.window)
+        with watching(connection):
+            seen = overview(connection, arguments.window)
     if arguments.json:
         print(json.dumps(seen.as_json(), indent=2))
         return 0
@@ -112,6 +111,7 @@ def _health(arguments: argparse.Namespace, settings: Settings) -> int:
         max_ready_age=settings.health_max_ready_age,
         dead_window=settings.health_dead_window,
         timeout=settings.connect_timeout,
+        prepared=settings.prepared_statements,
     )
     if arguments.json:
         print(json.dumps(verdict.as_json(), indent=2))
@@ -131,7 +131,9 @@ def _metrics(arguments: argparse.Namespace, settings: Settings) -> int:
     app = App(settings)
     dsn = app.dsn
     registry = CollectorRegistry(auto_describe=True)
-    collector = DatabaseCollector(dsn, timeout=min(5.0, settings.statement_timeout))
+    collector = DatabaseCollector(
+        dsn, timeout=min(5.0, settings.statement_timeout), prepared=settings.prepared_statements
+    )
     registry.register(collector)
     server = MetricsServer(
         registry,

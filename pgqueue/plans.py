@@ -13,6 +13,8 @@ from typing import Any, Protocol, TypeVar
 import psycopg
 from psycopg.pq import TransactionStatus
 
+from .pooling import prepare_flag
+
 Rows = list[tuple[Any, ...]] | None
 Step = tuple[str, Sequence[Any] | dict[str, Any] | None]
 T = TypeVar("T")
@@ -30,12 +32,13 @@ class Fetcher(Protocol):
 def drive(connection: psycopg.Connection[Any], plan: Plan[T]) -> T:
     """Run `plan` on a sync connection and return what it returns. A statement's error is
     raised inside the plan, at its `yield`: a plan may handle it and go on."""
+    prepare = prepare_flag(connection)
     try:
         step = plan.send(None)
         while True:
             try:
                 cursor = connection.cursor(row_factory=psycopg.rows.tuple_row)
-                cursor.execute(*step)
+                cursor.execute(*step, prepare=prepare)
                 rows = cursor.fetchall() if cursor.description is not None else None
             except Exception as error:
                 step = plan.throw(error)
@@ -48,12 +51,13 @@ def drive(connection: psycopg.Connection[Any], plan: Plan[T]) -> T:
 
 async def drive_async(connection: psycopg.AsyncConnection[Any], plan: Plan[T]) -> T:
     """Run `plan` on an async connection and return what it returns (errors as `drive`)."""
+    prepare = prepare_flag(connection)
     try:
         step = plan.send(None)
         while True:
             try:
                 cursor = connection.cursor(row_factory=psycopg.rows.tuple_row)
-                await cursor.execute(*step)
+                await cursor.execute(*step, prepare=prepare)
                 rows = await cursor.fetchall() if cursor.description is not None else None
             except Exception as error:
                 step = plan.throw(error)

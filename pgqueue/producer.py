@@ -16,6 +16,7 @@ from .errors import ConfigurationError, InvalidJobError, QueueFull
 from .models import JobId, JobOptions, validate_task_name
 from .payloads import UnstorableJson, encode_json
 from .plans import Plan, atomic, atomic_async, drive, drive_async
+from .pooling import prepare_flag
 from .sql import query
 
 log = logging.getLogger("pgqueue")
@@ -221,7 +222,9 @@ def insert_many(connection: psycopg.Connection[Any], jobs: Sequence[PreparedJob]
             with atomic(connection):
                 return list(drive(connection, _insert_each_plan(jobs)))
         with atomic(connection):
-            reserved = connection.execute(query("reserve_ids"), {"count": len(jobs)}).fetchone()
+            reserved = connection.execute(
+                query("reserve_ids"), {"count": len(jobs)}, prepare=prepare_flag(connection)
+            ).fetchone()
             assert reserved is not None
             ids, now = reserved
             with connection.cursor().copy(query("copy_jobs")) as copy:
@@ -242,7 +245,9 @@ async def insert_many_async(
             async with atomic_async(connection):
                 return list(await drive_async(connection, _insert_each_plan(jobs)))
         async with atomic_async(connection):
-            cursor = await connection.execute(query("reserve_ids"), {"count": len(jobs)})
+            cursor = await connection.execute(
+                query("reserve_ids"), {"count": len(jobs)}, prepare=prepare_flag(connection)
+            )
             reserved = await cursor.fetchone()
             assert reserved is not None
             ids, now = reserved

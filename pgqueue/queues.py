@@ -239,7 +239,7 @@ def _optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 def _queue_command(arguments: argparse.Namespace, settings: Settings) -> int:
     from .app import App
 
-    with App(settings) as app, psycopg.connect(app.dsn, autocommit=True) as connection:
+    with App(settings) as app, app.connect() as connection:
         if arguments.action == "pause":
             app.controls.pause(arguments.queue, connection)
         elif arguments.action == "resume":

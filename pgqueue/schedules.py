@@ -371,7 +371,7 @@ def add_commands(commands: Any, settings: Callable[..., Settings]) -> None:
 def _cron_command(arguments: argparse.Namespace, settings: Settings) -> int:
     from .app import App
 
-    with App(settings) as app, psycopg.connect(app.dsn, autocommit=True) as connection:
+    with App(settings) as app, app.connect() as connection:
         if arguments.action != "list":
             app.schedules._switch(arguments.name, arguments.action, connection)
             print(f"schedule {arguments.name} {arguments.action}d")

@@ -33,6 +33,16 @@ class Settings(BaseSettings):
     )
     concurrency: int = Field(default=10, ge=1, le=10_000)
     listen: bool = Field(default=True, description="wake on LISTEN/NOTIFY; false polls only")
+    listen_dsn: str | None = Field(
+        default=None,
+        description="a direct connection (not through a transaction pooler) for LISTEN; unset: the "
+        "DSN, where a worker that finds a pooler there polls instead",
+    )
+    prepared_statements: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="prepare repeated statements: auto turns them off behind a pooler it detects "
+        "(PgBouncer), on keeps them (PgBouncer 1.21+ with max_prepared_statements), off never",
+    )
     poll_interval: float = Field(default=1.0, gt=0, description="seconds between polls when idle")
     lease_seconds: float = Field(
         default=30.0, gt=0, description="a running job is rescued this long after its last heartbeat"
@@ -108,6 +118,19 @@ class Settings(BaseSettings):
         # PGQUEUE_QUEUES=emails,reports reads as a list, like --queues on the command line
         if isinstance(value, str):
             return [name.strip() for name in value.split(",") if name.strip()] or None
+        return value
+
+    @field_validator("prepared_statements", mode="before")
+    @classmethod
+    def _on_off(cls, value: object) -> object:
+        # PGQUEUE_PREPARED_STATEMENTS=false reads as off, true as on
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, str):
+            spelled = value.strip().lower()
+            return {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}.get(
+                spelled, spelled
+            )
         return value
 
     @field_validator("priority_aging", mode="before")

@@ -43,7 +43,7 @@ def add_commands(commands: Any, settings: Callable[..., Settings]) -> None:
 def _connect(settings: Settings) -> psycopg.Connection[Any]:
     from .migrate import check_schema
 
-    connection = psycopg.connect(App(settings).dsn, autocommit=True)
+    connection = App(settings).connect()
     check_schema(connection)
     return connection
 

@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,7 +33,7 @@ import psycopg
 from .app import App
 from .attempts import run_attempt
 from .completer import Completer
-from .connection import Backoff, DatabaseUnavailable, WorkerConnection
+from .connection import Backoff, DatabaseUnavailable, Link
 from .context import JobContext, _current
 from .errors import ConfigurationError
 from .executors import Executors
@@ -162,8 +163,9 @@ class Worker:
         signals_installed = self._install_signals()
         settings = self.settings
         dsn = self.app.dsn
-        self._claimer = WorkerConnection(dsn, "claim", settings.statement_timeout, self._connected)
-        completer_connection = WorkerConnection(dsn, "complete", settings.statement_timeout, self._connected)
+        link = Link(dsn, settings.prepared_statements, self._connected)
+        self._claimer = link.open("claim", settings.statement_timeout)
+        completer_connection = link.open("complete", settings.statement_timeout)
         self._completer = Completer(
             completer_connection, self.worker_id, settings.reconnect_max_delay, on_recorded=self._recorded
         )
@@ -184,7 +186,7 @@ class Worker:
                 self.concurrency,
                 "LISTEN/NOTIFY with polling fallback" if self.listen else "polling only",
             )
-            for name, job in self._background_jobs(dsn):
+            for name, job in self._background_jobs(link):
                 task = asyncio.create_task(job, name=f"pgqueue-{name}")
                 task.add_done_callback(_report_crash)
                 background.append(task)
@@ -214,13 +216,14 @@ class Worker:
             if stop_metrics is not None:
                 stop_metrics()
 
-    def _background_jobs(self, dsn: str) -> list[tuple[str, Any]]:
+    def _background_jobs(self, link: Link) -> list[tuple[str, Any]]:
         """The loops that run beside the claim loop, each on a connection of its own."""
         settings, jobs = self.settings, []
         assert self._wake
         if self.listen:
+            direct = settings.listen_dsn
             listener = Listener(
-                dsn,
+                replace(link, dsn=direct, direct=True) if direct else link,
                 self.queues,
                 self._wake,
                 statement_timeout=settings.statement_timeout,
@@ -228,12 +231,11 @@ class Worker:
                 reconnect_max_delay=settings.reconnect_max_delay,
                 on_cancel=self._running.cancel_jobs,
                 running=lambda: [job_id for job_id, _ in self._running],
-                on_connect=self._connected,
             )
             jobs.append(("listen", listener.run()))
             self._parts.append(listener)
         heartbeat = Heartbeat(
-            dsn,
+            link,
             self.worker_id,
             settings.lease_seconds,
             settings.statement_timeout,
@@ -241,12 +243,11 @@ class Worker:
             running=lambda: set(self._running),
             lost=self._running.leases_lost,
             cancel=self._running.cancel_jobs,
-            on_connect=self._connected,
         )
         jobs.append(("heartbeat", heartbeat.run()))
         self._parts.append(heartbeat)
         self.maintenance = Maintenance(
-            dsn,
+            link,
             self.worker_id,
             self.app.hooks,
             queues=self.queues,
@@ -255,7 +256,6 @@ class Worker:
             priority_aging=settings.priority_aging,
             interval=min(settings.rescue_interval, settings.lease_seconds),
             statement_timeout=settings.statement_timeout,
-            on_connect=self._connected,
             on_capped=self._wake.set,
         )
         jobs.append(("maintenance", self.maintenance.run()))

@@ -134,7 +134,7 @@ def new_app(dsn: str) -> Iterator[Callable[..., App]]:
     apps: list[App] = []
 
     def build(**settings: Any) -> App:
-        app = App(Settings(dsn=dsn, **settings))
+        app = App(Settings(**{"dsn": dsn, **settings}))
         apps.append(app)
         return app
 

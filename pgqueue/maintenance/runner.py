@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import psycopg
 
-from ..connection import DatabaseUnavailable, WorkerConnection
+from ..connection import DatabaseUnavailable, Link
 from ..hooks import Hooks
 from ..schedules import Schedule
 from ..sql import query
@@ -33,7 +33,7 @@ class Maintenance:
 
     def __init__(
         self,
-        dsn: str,
+        link: Link,
         worker: str,
         hooks: Hooks,
         *,
@@ -43,10 +43,9 @@ class Maintenance:
         priority_aging: float | None,
         interval: float,
         statement_timeout: float,
-        on_connect: Callable[[str, bool], None] | None = None,
         on_capped: Callable[[], None] | None = None,
     ) -> None:
-        self._connection = WorkerConnection(dsn, "maintenance", statement_timeout, on_connect)
+        self._connection = link.open("maintenance", statement_timeout)
         self._interval = interval
         self._worker = worker
         self._hooks = hooks

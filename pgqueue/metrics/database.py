@@ -20,7 +20,8 @@ import psycopg
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ..database import KEEPALIVES, NO_JIT
+from ..database import KEEPALIVES, connect, watching
+from ..pooling import PreparedStatements
 from ..sql import query
 
 log = logging.getLogger("pgqueue")
@@ -31,8 +32,9 @@ STATES = ("ready", "scheduled", "running", "dead")
 class DatabaseCollector(Collector):
     """Collects from the database on each scrape, on one connection kept between scrapes."""
 
-    def __init__(self, dsn: str, timeout: float = 5.0) -> None:
+    def __init__(self, dsn: str, timeout: float = 5.0, prepared: PreparedStatements = "auto") -> None:
         self._dsn = dsn
+        self._prepared = prepared
         self._timeout = timeout
         self._connection: psycopg.Connection[Any] | None = None
         self._lock = threading.Lock()  # scrapes may overlap; one connection serves them in turn
@@ -104,17 +106,17 @@ class DatabaseCollector(Collector):
     def _read(self) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[str]]:
         connection = self._connection
         if connection is None or connection.closed:
-            connection = self._connection = psycopg.connect(
+            connection = self._connection = connect(
                 self._dsn,
-                autocommit=True,
+                self._prepared,
                 connect_timeout=max(1, int(self._timeout)),
                 application_name="pgqueue-metrics",
-                options=f"-c statement_timeout={int(self._timeout * 1000)} {NO_JIT}",
                 **KEEPALIVES,
             )
-        queues = connection.execute(query("metrics_queue_stats")).fetchall()
-        workers = connection.execute(query("metrics_workers")).fetchall()
-        known = [str(row[0]) for row in connection.execute(query("metrics_known_queues")).fetchall()]
+        with watching(connection, self._timeout):
+            queues = connection.execute(query("metrics_queue_stats")).fetchall()
+            workers = connection.execute(query("metrics_workers")).fetchall()
+            known = [str(row[0]) for row in connection.execute(query("metrics_known_queues")).fetchall()]
         return queues, workers, known
 
     def close(self) -> None:
