@@ -253,6 +253,16 @@ class App:
         async with self._using_async(connection) as conn:
             return await drive_async(conn, control.get_job_plan(job_id))
 
+    def get_status(self, job_id: int, connection: Connection | None = None) -> Job:
+        """The job without its arguments, worker and history (empty in the Job): what the
+        pgqueue_producer role may read. State, result, errors and progress are there."""
+        with self._using(connection) as conn:
+            return drive(conn, control.get_job_plan(job_id, status_only=True))
+
+    async def get_status_async(self, job_id: int, connection: AsyncConnection | None = None) -> Job:
+        async with self._using_async(connection) as conn:
+            return await drive_async(conn, control.get_job_plan(job_id, status_only=True))
+
     def cancel(self, job_id: int, connection: Connection | None = None) -> control.CancelState:
         """Cancel a job: "cancelled" when it was queued (it will not run), "cancelling" when
         it runs (its worker stops it within a second when it LISTENs, else at its next
@@ -273,7 +283,7 @@ class App:
         It polls the job's row (a primary-key read), more slowly the longer it waits."""
         deadline = None if timeout is None else time.monotonic() + timeout
         for pause in control.wait_pauses(deadline):
-            job = self.get_job(job_id)
+            job = self.get_status(job_id)
             if job.state not in (JobState.QUEUED, JobState.RUNNING):
                 return control.ended(job)
             time.sleep(pause)
@@ -282,7 +292,7 @@ class App:
     async def wait_async(self, job_id: int, timeout: float | None = None) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
         for pause in control.wait_pauses(deadline):
-            job = await self.get_job_async(job_id)
+            job = await self.get_status_async(job_id)
             if job.state not in (JobState.QUEUED, JobState.RUNNING):
                 return control.ended(job)
             await asyncio.sleep(pause)

@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 from pydantic import ValidationError
 
-from . import events, logs, monitoring, queues, schedules, upkeep
+from . import events, logs, monitoring, queues, roles, schedules, upkeep
 from .app import App
 from .database import redact
 from .errors import ConfigurationError, JobFinishedError, PgQueueError
@@ -148,6 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     queues.add_commands(commands, _settings)
     schedules.add_commands(commands, _settings)
     events.add_commands(commands, _settings)
+    roles.add_commands(commands, _settings)
 
     for name, text in (
         ("cancel", "cancel a job: at once when queued, by stopping its handler when running"),

@@ -15,8 +15,10 @@ from .plans import Plan
 from .sql import query
 
 
-def get_job_plan(job_id: int) -> Plan[Job]:
-    rows = yield query("get_job"), {"id": job_id}
+def get_job_plan(job_id: int, *, status_only: bool = False) -> Plan[Job]:
+    """The job by id; `status_only`: without its arguments, worker and history (a
+    producer's role reads no more: pgqueue.job_status)."""
+    rows = yield query("job_status" if status_only else "get_job"), {"id": job_id}
     if not rows:
         raise JobNotFoundError(f"no job with id {job_id}")
     return Job.from_row(rows[0])

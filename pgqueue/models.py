@@ -190,11 +190,11 @@ class JobId(int):
         return self._source().get_job(int(self))  # type: ignore[no-any-return]
 
     def state(self) -> JobState:
-        return self.job().state
+        return self._source().get_status(int(self)).state  # type: ignore[no-any-return]
 
     def progress(self) -> dict[str, Any] | None:
         """The last progress its handler reported, or None."""
-        return self.job().progress
+        return self._source().get_status(int(self)).progress  # type: ignore[no-any-return]
 
     def wait(self, timeout: float | None = None) -> Any:
         """The job's result once it succeeded; JobFailedError when it ends dead or cancelled,

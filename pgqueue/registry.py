@@ -9,6 +9,7 @@ from typing import Any
 import psycopg
 
 from .connection import DatabaseUnavailable, WorkerConnection
+from .errors import PermissionDeniedError
 from .outcomes import describe
 from .sql import query
 
@@ -19,8 +20,19 @@ async def register_tasks(connection: WorkerConnection, worker: str, tasks: Seque
     """Record `tasks` (pgqueue.Task) with their options in pgqueue.tasks; the last writer wins.
 
     A failure is only logged: enqueue by name falls back to defaults meanwhile, and the
-    worker's next start tries again.
+    worker's next start tries again. A role without a worker's rights is refused first,
+    with the role to grant (PermissionDeniedError), rather than failing every claim.
     """
+    try:
+        [(allowed, role)] = await connection.fetch(query("worker_rights"), {})
+    except (DatabaseUnavailable, psycopg.Error) as error:
+        log.warning("could not check this worker's rights (%s)", describe(error))
+    else:
+        if not allowed:
+            raise PermissionDeniedError(
+                f"database role {role!r} cannot run jobs (it lacks a worker's rights on the pgqueue "
+                f"tables): GRANT pgqueue_worker TO {role}; see `pgqueue roles`"
+            )
     tasks = sorted(tasks, key=lambda task: task.name)
     if not tasks:
         return

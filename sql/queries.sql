@@ -84,6 +84,15 @@ select j.id, j.task, j.args, j.queue, j.priority, j.state, j.attempt, j.max_atte
 from pgqueue.jobs j left join pgqueue.job_progress p on p.job_id = j.id
 where j.id = %(id)s
 
+-- name: job_status
+-- One job as a producer may read it (pgqueue.job_status): no arguments, no worker, no
+-- history; in get_job's columns, the missing ones empty.
+select s.id, s.task, '{}'::jsonb, s.queue, s.priority, s.state, s.attempt, s.max_attempts, s.run_at,
+       null::double precision, null::text, null::timestamptz, s.created_at, s.started_at,
+       s.finished_at, s.result, s.errors, '[]'::jsonb, s.progress
+from pgqueue.job_status s
+where s.id = %(id)s
+
 -- name: cancel_job
 -- Cancel a queued job.
 select pgqueue.cancel_job(%(id)s)
@@ -186,6 +195,30 @@ where (j.state = 'succeeded' and j.attempt = o.attempt and j.worker = %(worker)s
        select from jsonb_array_elements(j.history) as h(entry)
        where h.entry @> jsonb_build_object('attempt', o.attempt, 'worker', %(worker)s::text)
          and h.entry ->> 'outcome' <> 'lease_expired')
+
+-- name: worker_rights
+-- Whether this role may do a worker's work (pgqueue_worker's rights), checked at its start.
+-- has_table_privilege is true when any listed right is held: one call per right.
+select has_table_privilege('pgqueue.active_jobs', 'UPDATE')
+   and has_table_privilege('pgqueue.active_jobs', 'DELETE')
+   and has_table_privilege('pgqueue.finished_jobs', 'INSERT')
+   and has_table_privilege('pgqueue.worker_sessions', 'INSERT')
+   and has_table_privilege('pgqueue.leaders', 'UPDATE')
+   and has_table_privilege('pgqueue.tasks', 'INSERT'),
+   current_user
+
+-- name: grant_roles
+-- Grant the three roles their rights in this database (creating them first when asked).
+select pgqueue.grant_roles(%(create)s)
+
+-- name: role_members
+-- The roles among these that exist, each with the roles it is granted to.
+select r.rolname, array_remove(array_agg(m.rolname order by m.rolname), null)
+from pg_roles r
+left join pg_auth_members a on a.roleid = r.oid
+left join pg_roles m on m.oid = a.member
+where r.rolname = any(%(roles)s::text[])
+group by r.rolname
 
 -- name: register_tasks
 -- A worker records the tasks it serves when it starts (the last worker to start wins).

@@ -1,0 +1,77 @@
+-- compatible-with: 1
+-- Least-privilege roles: three NOLOGIN roles to grant to the login roles of each service.
+--
+-- * pgqueue_producer enqueues (the Python producer, bulk COPY, pgqueue.enqueue and
+--   enqueue_unique in SQL) and follows its jobs through pgqueue.job_status: state,
+--   attempts, result, errors and progress, never arguments. Of the jobs table it may
+--   insert rows and read id, task, queue and state (a full queue's depth is counted by
+--   the insert's trigger, as the producer). It cannot update or delete a job, claim one,
+--   or read any job's arguments.
+-- * pgqueue_worker claims, heartbeats, completes, rescues and keeps house: every row of
+--   every pgqueue table, read and written. It owns nothing.
+-- * pgqueue_observer reads: the tables and views, for dashboards, `pgqueue status`,
+--   `/health` and the exporter. It cannot write.
+--
+-- None owns an object or may create one in the schema, so none can alter it: migrations
+-- run as the schema's owner. The roles are the cluster's (a role is not a database's),
+-- created here when the migrating role may (CREATEROLE), else by an administrator with
+-- `pgqueue roles --create`; the grants are this database's. pgqueue.grant_roles()
+-- grants to those that exist; each later migration that adds an object calls it again.
+-- Functions keep PostgreSQL's default EXECUTE for PUBLIC: they run with the caller's
+-- rights (none is SECURITY DEFINER), so a role without the rights on the tables gets
+-- "permission denied" from inside them.
+
+create view pgqueue.job_status as
+select j.id, j.task, j.queue, j.priority, j.state, j.attempt, j.max_attempts, j.run_at,
+       j.created_at, j.started_at, j.finished_at, j.result, j.errors, p.progress
+from pgqueue.jobs j
+left join pgqueue.job_progress p on p.job_id = j.id;
+
+comment on view pgqueue.job_status is
+    'A job''s state, result, errors and progress without its arguments: what a producer may read';
+
+create function pgqueue.grant_roles(p_create boolean default true)
+returns text[]
+language plpgsql as $$
+declare
+    v_role text;
+    v_created text[] := '{}';
+begin
+    if p_create then
+        foreach v_role in array array['pgqueue_producer', 'pgqueue_worker', 'pgqueue_observer'] loop
+            if not exists (select from pg_roles where rolname = v_role) then
+                begin
+                    execute format('create role %I nologin', v_role);
+                    v_created := v_created || v_role;
+                exception
+                    when insufficient_privilege then
+                        raise notice 'pgqueue: role % not created (this role lacks CREATEROLE): '
+                            'an administrator runs `pgqueue roles --create`', v_role;
+                    when duplicate_object or unique_violation then
+                        null;  -- created meanwhile, by a migration of another database
+                end;
+            end if;
+        end loop;
+    end if;
+    if exists (select from pg_roles where rolname = 'pgqueue_producer') then
+        grant usage on schema pgqueue to pgqueue_producer;
+        grant select on pgqueue.migrations, pgqueue.tasks, pgqueue.job_status to pgqueue_producer;
+        grant select (id, task, queue, state), insert on pgqueue.active_jobs to pgqueue_producer;
+        grant select (name, max_depth) on pgqueue.queues to pgqueue_producer;
+        grant select, insert, update on pgqueue.job_keys to pgqueue_producer;
+        grant usage on sequence pgqueue.jobs_id_seq to pgqueue_producer;
+    end if;
+    if exists (select from pg_roles where rolname = 'pgqueue_worker') then
+        grant usage on schema pgqueue to pgqueue_worker;
+        grant select, insert, update, delete on all tables in schema pgqueue to pgqueue_worker;
+        grant usage, select, update on all sequences in schema pgqueue to pgqueue_worker;
+    end if;
+    if exists (select from pg_roles where rolname = 'pgqueue_observer') then
+        grant usage on schema pgqueue to pgqueue_observer;
+        grant select on all tables in schema pgqueue to pgqueue_observer;
+    end if;
+    return v_created;
+end
+$$;
+
+select pgqueue.grant_roles();
