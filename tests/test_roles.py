@@ -1,0 +1,201 @@
+"""The three roles of migration 0018, logged in as for real: each can do its work, and
+is refused the rest by the server itself."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from pgqueue import App, PermissionDeniedError, RetryPolicy, Worker
+from pgqueue.health import check_health
+from pgqueue.metrics import DatabaseCollector
+from pgqueue.status import overview
+from pgqueue.testing import running_worker, wait_for_states
+from tests.conftest import pgqueue_command, subprocess_environment
+
+
+@pytest.fixture
+def login_as(server_dsn: str, dsn: str) -> Iterator[Callable[[str], str]]:
+    """Makes a login role that holds one of pgqueue's roles; returns this test's DSN as it.
+    Login roles belong to the cluster: each is dropped after the test."""
+    made: list[str] = []
+
+    def make(granted: str) -> str:
+        name = f"pgqueue_test_{granted.removeprefix('pgqueue_')}_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(server_dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("create role {} login").format(sql.Identifier(name)))
+            made.append(name)
+            if granted:
+                admin.execute(sql.SQL("grant {} to {}").format(sql.Identifier(granted), sql.Identifier(name)))
+        return make_conninfo(dsn, user=name)
+
+    yield make
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        for name in made:
+            admin.execute(
+                "select pg_terminate_backend(pid) from pg_stat_activity where usename = %s", (name,)
+            )
+            admin.execute(sql.SQL("drop role if exists {}").format(sql.Identifier(name)))
+
+
+def refused(dsn: str, statement: str) -> None:
+    """`statement`, run as the role of `dsn`, is refused for want of a right."""
+    with (
+        psycopg.connect(dsn, autocommit=True) as connection,
+        pytest.raises(psycopg.errors.InsufficientPrivilege),
+    ):
+        connection.execute(statement)
+
+
+# what none of the roles may do to the schema
+ALTERATIONS = (
+    "alter table pgqueue.active_jobs add column sneaky integer",
+    "create table pgqueue.sneaky (id integer)",
+    "drop view pgqueue.job_status",
+    "create or replace function pgqueue.enqueue_sneaky() returns integer language sql as 'select 1'",
+    "truncate pgqueue.finished_jobs",
+)
+
+
+def test_a_producer_enqueues_and_follows_its_jobs_and_nothing_else(
+    login_as: Callable[[str], str], dsn: str, new_app: Callable[..., App]
+) -> None:
+    producer_dsn = login_as("pgqueue_producer")
+    producer = new_app(dsn=producer_dsn)
+
+    @producer.task(name="double")
+    def double(n: int) -> int:
+        return n * 2
+
+    job = double.enqueue(None, n=21)
+    with psycopg.connect(producer_dsn) as own:
+        bulk = double.enqueue_many(own, [{"n": n} for n in range(50)])
+        first = double.with_options(unique_key="k").enqueue(own, n=1)
+        assert double.with_options(unique_key="k").enqueue(own, n=1).duplicate
+        row = own.execute("select pgqueue.enqueue('double', '{\"n\": 5}')").fetchone()
+        assert row is not None
+    assert job.state() == "queued"
+
+    runner = new_app()  # the owner runs them
+    runner.task(name="double")(lambda n: n * 2)
+    with running_worker(runner):
+        assert job.wait(timeout=30) == 42  # result read through pgqueue.job_status
+        wait_for_states(dsn, [*bulk, first, row[0]])
+    assert producer.get_status(job).result == 42
+
+    with pytest.raises(PermissionDeniedError, match="pgqueue_worker"):
+        producer.get_job(job)  # the whole row holds the arguments
+    with pytest.raises(PermissionDeniedError):
+        producer.cancel(bulk[0])
+    for statement in (
+        "select args from pgqueue.jobs",
+        "select args from pgqueue.active_jobs",
+        "select args from pgqueue.finished_jobs",
+        "select * from pgqueue.jobs",
+        f"update pgqueue.active_jobs set priority = 9 where id = {int(job)}",
+        f"delete from pgqueue.finished_jobs where id = {int(job)}",
+        f"update pgqueue.jobs set state = 'dead' where id = {int(job)}",
+        "select * from pgqueue.claim_jobs('thief', array['default'], 10, 30, null)",
+        f"select pgqueue.cancel({int(bulk[1])})",
+        f"select pgqueue.retry_job({int(job)})",
+        "select pgqueue.pause_queue('default')",
+        *ALTERATIONS,
+    ):
+        refused(producer_dsn, statement)
+    with psycopg.connect(producer_dsn) as own:
+        columns = [
+            column.name for column in own.execute("select * from pgqueue.job_status").description or []
+        ]
+    assert "args" not in columns and {"state", "result", "progress"} <= set(columns)
+
+    worker = Worker(new_app(dsn=producer_dsn), install_signal_handlers=False)
+    worker.app.task(name="double")(lambda n: n * 2)
+    with pytest.raises(PermissionDeniedError, match="GRANT pgqueue_worker TO"):
+        worker.run()
+
+
+def test_a_worker_role_runs_jobs_and_keeps_house_but_cannot_alter_the_schema(
+    login_as: Callable[[str], str], dsn: str, new_app: Callable[..., App]
+) -> None:
+    worker_dsn = login_as("pgqueue_worker")
+    app = new_app(dsn=worker_dsn, lease_seconds=2.0, rescue_interval=0.5)
+
+    @app.task(name="flaky", retry=RetryPolicy.fixed(0.05), max_attempts=2)
+    def flaky(n: int) -> int:
+        if n % 2:
+            raise ValueError("odd")
+        return n
+
+    ids = flaky.enqueue_many(None, [{"n": n} for n in range(20)])
+    with running_worker(app, concurrency=4):
+        states = wait_for_states(dsn, ids)
+    assert sorted(states.values()) == ["dead"] * 10 + ["succeeded"] * 10
+    assert app.retry(ids[1])  # a redrive, as the worker role
+    for statement in ALTERATIONS:
+        refused(worker_dsn, statement)
+
+
+def test_an_observer_reads_everything_and_writes_nothing(
+    login_as: Callable[[str], str], dsn: str, new_app: Callable[..., App]
+) -> None:
+    observer_dsn = login_as("pgqueue_observer")
+    owner = new_app()
+    owner.enqueue(None, "anything", {"n": 1})
+    with psycopg.connect(observer_dsn, autocommit=True) as connection:
+        seen = overview(connection, 300)
+        assert [(state.queue, state.jobs) for state in seen.queues] == [("default", 1)]
+        connection.execute("select * from pgqueue.jobs").fetchall()
+        connection.execute("select * from pgqueue.task_stats").fetchall()
+    health = check_health(observer_dsn)  # read to the end: no live worker serves 'default'
+    assert health.reasons == ["queue 'default': 1 ready job(s) and no live worker serves it"]
+    up = {
+        sample.name: sample.value
+        for family in DatabaseCollector(observer_dsn).collect()
+        for sample in family.samples
+    }
+    assert up["pgqueue_up"] == 1
+    with pytest.raises(PermissionDeniedError, match="pgqueue_producer"):
+        new_app(dsn=observer_dsn).enqueue(None, "anything", {"n": 2})
+    for statement in (
+        "insert into pgqueue.active_jobs (task) values ('sneaky')",
+        "update pgqueue.active_jobs set priority = 9",
+        "delete from pgqueue.active_jobs",
+        "select pgqueue.enqueue('sneaky')",
+        "select * from pgqueue.claim_jobs('thief', array['default'], 10, 30, null)",
+        "select pgqueue.set_retention('succeeded', interval '1 day', '*')",
+        *ALTERATIONS,
+    ):
+        refused(observer_dsn, statement)
+
+
+def test_a_role_without_grants_gets_a_typed_error_naming_the_roles(
+    login_as: Callable[[str], str], new_app: Callable[..., App]
+) -> None:
+    nobody = new_app(dsn=login_as(""))
+    with pytest.raises(PermissionDeniedError, match="pgqueue_producer"):
+        nobody.enqueue(None, "anything", {})
+
+
+def test_the_roles_command_lists_the_roles_and_who_holds_them(
+    login_as: Callable[[str], str], dsn: str
+) -> None:
+    producer_dsn = login_as("pgqueue_producer")
+    login = str(psycopg.conninfo.conninfo_to_dict(producer_dsn)["user"])
+    done = subprocess.run(
+        pgqueue_command("roles"),
+        env=subprocess_environment(PGQUEUE_DSN=dsn),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    producer = lines.index(next(line for line in lines if line.startswith("pgqueue_producer")))
+    assert login in lines[producer + 1]
+    assert any(line.startswith("pgqueue_observer") for line in lines)
