@@ -15,19 +15,21 @@ from pathlib import Path
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from tests.clusters import free_port
 
 
 class PgBouncer:
     """One pgbouncer process; `through(dsn)` rewrites a database DSN to go through it."""
 
     def __init__(
-        self, server_dsn: str, mode: str, users: tuple[str, ...] = ("postgres",), pool_size: int = 10
+        self,
+        server_dsn: str,
+        mode: str,
+        users: tuple[str, ...] = ("postgres",),
+        pool_size: int = 10,
+        settings: str = "",
     ) -> None:
+        """`settings`: lines of a [pgbouncer] section, over this one's (the last one wins)."""
         binary = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
         if binary is None:
             pytest.skip("PgBouncer is not installed (apt-get install pgbouncer; .ci/run does)")
@@ -38,7 +40,7 @@ class PgBouncer:
                 "PgBouncer is tested in front of a server reached over TCP; this one listens on a Unix socket"
             )
         self.mode = mode
-        self.port = _free_port()
+        self.port = free_port()
         self.directory = Path(tempfile.mkdtemp(prefix="pgqueue-pgbouncer-"))
         self.log_path = self.directory / "pgbouncer.log"
         auth = self.directory / "users.txt"
@@ -58,6 +60,7 @@ class PgBouncer:
             f"default_pool_size = {pool_size}\n"
             f"logfile = {self.log_path}\n"
             "server_reset_query = DISCARD ALL\n"
+            f"{settings}\n"
         )
         command = [binary, str(config)]
         user: str | None = None

@@ -31,6 +31,7 @@ import re
 import shlex
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,14 +39,17 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from pgqueue import App, Fail, InvalidJobError, Priority
 from pgqueue.testing import running_worker, wait_for_states
 from tests.conftest import REPOSITORY, pgqueue_command, subprocess_environment
+from tests.pgbouncer import PgBouncer
 from tests.processes import WorkerProcesses
 
 README = REPOSITORY / "README.md"
-LANGUAGES = {"python", "sql", "sh", ""}
+LANGUAGES = {"python", "sql", "sh", "ini", ""}
 
 # (section heading, language, position among that section's blocks of that language)
 SnippetKey = tuple[str, str, int]
@@ -67,6 +71,8 @@ CRON_COMMANDS: SnippetKey = ("Periodic jobs", "sh", 0)
 EVENTS_EXAMPLE: SnippetKey = ("Lifecycle events", "python", 0)
 HOOKS_EXAMPLE: SnippetKey = ("Hooks", "python", 0)
 HISTORY_SQL: SnippetKey = ("Watching it", "sql", 0)
+ROLE_GRANTS: SnippetKey = ("Deploying: PgBouncer, roles, connections", "sql", 0)
+POOLER_SETTINGS: SnippetKey = ("Deploying: PgBouncer, roles, connections", "ini", 0)
 
 # The blocks the tests below run, and which test does.
 RUN_HERE: dict[SnippetKey, str] = {
@@ -86,6 +92,8 @@ RUN_HERE: dict[SnippetKey, str] = {
     TESTING_TEST: "test_the_testing_helpers_example_passes_as_a_users_suite",
     HOOKS_EXAMPLE: "test_the_hooks_example_counts_what_a_worker_finished",
     HISTORY_SQL: "test_the_history_questions_answer_from_a_real_run (plans: test_observability.py)",
+    ROLE_GRANTS: "test_the_role_grants_give_each_service_its_rights",
+    POOLER_SETTINGS: "test_the_pooler_settings_run_a_worker_through_pgbouncer",
 }
 
 # `pgqueue` subcommands each run block's test knows how to run and check.
@@ -107,6 +115,7 @@ RUNNABLE_SUBCOMMANDS: dict[SnippetKey, frozenset[str]] = {
             "cancel",
             "cron",
             "events",
+            "roles",
         }
     ),
     CRON_COMMANDS: frozenset({"cron"}),
@@ -425,6 +434,62 @@ def test_from_sql_enqueue_redrive_cancel_and_inspect(dsn: str, new_app: Callable
     assert every_job_state(dsn) == {122: "dead", 123: "queued", 124: "cancelled", enqueued[0]: "queued"}
 
 
+def test_the_pooler_settings_run_a_worker_through_pgbouncer(
+    dsn: str, server_dsn: str, new_app: Callable[..., App]
+) -> None:
+    """Debian's PgBouncer with the README's [pgbouncer] settings: a job enqueued through it
+    runs on a worker that reaches the database through it."""
+    code = snippet(POOLER_SETTINGS).code
+    assert code.splitlines()[0] == "[pgbouncer]"
+    pooler = PgBouncer(server_dsn, "session", settings="\n".join(code.splitlines()[1:]))
+    try:
+        assert "pool_mode = transaction" in code
+        app = new_app(dsn=pooler.through(dsn))
+        app.task(name="readme.ping")(lambda: "pong")
+        with running_worker(app):
+            assert app.enqueue(None, "readme.ping").wait(timeout=30) == "pong"
+        assert pooler.errors() == []
+    finally:
+        pooler.close()
+
+
+def test_the_role_grants_give_each_service_its_rights(dsn: str, server_dsn: str) -> None:
+    """The GRANT block as written, but to login roles of this test's own (the README's
+    `web`, `workers` and `grafana` are the cluster's, which a test must not create)."""
+    code = snippet(ROLE_GRANTS).code
+    grants = re.findall(r"GRANT (pgqueue_\w+) TO (\w+);", code)
+    assert [role for role, _ in grants] == ["pgqueue_producer", "pgqueue_worker", "pgqueue_observer"]
+    suffix = uuid.uuid4().hex[:8]
+    logins = {login: f"readme_{login}_{suffix}" for _, login in grants}
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        for login in logins.values():
+            admin.execute(sql.SQL("create role {} login").format(sql.Identifier(login)))
+    try:
+        with psycopg.connect(dsn, autocommit=True) as owner:
+            renamed = re.sub(r"TO (\w+);", lambda found: f"TO {logins[found.group(1)]};", code)
+            owner.execute(renamed.encode())
+        as_role = {login: make_conninfo(dsn, user=name) for login, name in logins.items()}
+        with psycopg.connect(as_role["web"], autocommit=True) as web:
+            web.execute("select pgqueue.enqueue('readme.task')")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                web.execute("select args from pgqueue.jobs")
+        with psycopg.connect(as_role["workers"], autocommit=True) as workers:
+            assert workers.execute(
+                "select * from pgqueue.claim_jobs('w', array['default'], 1, 30, null)"
+            ).fetchall()
+        with psycopg.connect(as_role["grafana"], autocommit=True) as grafana:
+            assert grafana.execute("select count(*) from pgqueue.jobs").fetchone() == (1,)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                grafana.execute("delete from pgqueue.active_jobs")
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as admin:
+            for login in logins.values():
+                admin.execute(
+                    "select pg_terminate_backend(pid) from pg_stat_activity where usename = %s", (login,)
+                )
+                admin.execute(sql.SQL("drop role if exists {}").format(sql.Identifier(login)))
+
+
 def test_the_history_questions_answer_from_a_real_run(dsn: str, new_app: Callable[..., App]) -> None:
     """Each question of the "Watching it" SQL block, after a worker dead-lettered 122 and 123
     and ran 124 and 125; 126 waits in a queue no worker serves."""
@@ -575,6 +640,9 @@ def test_command_line_line_by_line(dsn: str, tmp_path: Path, new_app: Callable[.
                 assert "(no schedules" in stdout  # the README's jobs module declares none
             case ["events", "status"]:
                 assert stdout.strip() == "events are off"
+            case ["roles", *_]:
+                listed = [line.split()[0] for line in stdout.splitlines() if line.startswith("pgqueue_")]
+                assert listed == ["pgqueue_producer", "pgqueue_worker", "pgqueue_observer"]
             case _:
                 raise AssertionError(f"no check for `pgqueue {shlex.join(arguments)}`")
 
