@@ -36,9 +36,9 @@ BACKENDS = (
 
 
 def run(
-    server_dsn: str, worker_dsn: str, workers: int, concurrency: int, jobs: int, logs: Path
+    server_dsn: str, workers: int, concurrency: int, jobs: int, logs: Path, **settings: str
 ) -> dict[str, float]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PGQUEUE_DSN": worker_dsn}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **settings}
     children = []
     for n in range(workers):
         with open(logs / f"worker-{n}.log", "wb") as log:
@@ -71,8 +71,10 @@ def run(
                 if row and row[0] >= workers:
                     break
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"only {row[0] if row else 0} of {workers} workers started")
+                    tail = (logs / "worker-0.log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"only {row[0] if row else 0} of {workers} workers started:\n{tail}")
                 time.sleep(0.2)
+            time.sleep(2)  # every connection of every worker open
             idle = int(admin.execute(BACKENDS).fetchone()[0])  # type: ignore[index]
             started = time.monotonic()
             tasks.noop.enqueue_many(admin, [{}] * jobs)
@@ -109,17 +111,12 @@ def main() -> None:
         bouncer = PgBouncer(dsn, "transaction", pool_size=20)
         try:
             with tempfile.TemporaryDirectory() as logs:
+                shape = (arguments.workers, arguments.concurrency, arguments.jobs, Path(logs))
                 results = {
-                    "direct": run(
-                        dsn, dsn, arguments.workers, arguments.concurrency, arguments.jobs, Path(logs)
-                    ),
-                    "pgbouncer": run(
-                        dsn,
-                        bouncer.through(dsn),
-                        arguments.workers,
-                        arguments.concurrency,
-                        arguments.jobs,
-                        Path(logs),
+                    "direct": run(dsn, *shape, PGQUEUE_DSN=dsn),
+                    "pgbouncer, polling": run(dsn, *shape, PGQUEUE_DSN=bouncer.through(dsn)),
+                    "pgbouncer + direct LISTEN": run(
+                        dsn, *shape, PGQUEUE_DSN=bouncer.through(dsn), PGQUEUE_LISTEN_DSN=dsn
                     ),
                 }
         finally:
@@ -130,9 +127,9 @@ def main() -> None:
         f"\n{arguments.workers} worker processes x concurrency {arguments.concurrency}, "
         f"{arguments.jobs:,} jobs"
     )
-    print(f"{'path':<10} {'server connections idle':>24} {'peak':>6} {'drain jobs/s':>13}")
+    print(f"{'path':<26} {'server connections idle':>24} {'peak':>6} {'drain jobs/s':>13}")
     for path, result in results.items():
-        print(f"{path:<10} {result['idle']:>24.0f} {result['peak']:>6.0f} {result['jobs_per_s']:>13,.0f}")
+        print(f"{path:<26} {result['idle']:>24.0f} {result['peak']:>6.0f} {result['jobs_per_s']:>13,.0f}")
 
 
 if __name__ == "__main__":
