@@ -35,6 +35,7 @@ from .attempts import run_attempt
 from .completer import Completer
 from .connection import Backoff, DatabaseUnavailable, Link
 from .context import JobContext, _current
+from .database import validate_dsn
 from .errors import ConfigurationError
 from .executors import Executors
 from .hooks import (
@@ -221,7 +222,7 @@ class Worker:
         settings, jobs = self.settings, []
         assert self._wake
         if self.listen:
-            direct = settings.listen_dsn
+            direct = validate_dsn(settings.listen_dsn) if settings.listen_dsn else None
             listener = Listener(
                 replace(link, dsn=direct, direct=True) if direct else link,
                 self.queues,

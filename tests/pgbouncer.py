@@ -73,9 +73,11 @@ class PgBouncer:
             for path in self.directory.iterdir():
                 shutil.chown(path, "postgres")
             user = "postgres"  # not runuser, which holds a SIGTERM 2 s before passing it on
-        self._process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, user=user, group=user
-        )
+        # its output to a file: a pipe nobody reads fills, and PgBouncer blocks writing to it
+        with open(self.directory / "stderr.log", "wb") as output:
+            self._process = subprocess.Popen(
+                command, stdout=subprocess.DEVNULL, stderr=output, user=user, group=user
+            )
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -83,7 +85,7 @@ class PgBouncer:
                     break
             except OSError:
                 if self._process.poll() is not None or time.monotonic() > deadline:
-                    error = self._process.stderr.read().decode() if self._process.stderr else ""
+                    error = (self.directory / "stderr.log").read_text(errors="replace")
                     log = self.log()
                     self.close()
                     raise RuntimeError(f"PgBouncer did not start: {error}{log}") from None

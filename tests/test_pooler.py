@@ -12,7 +12,11 @@ from collections.abc import Callable, Iterator
 import psycopg
 import pytest
 
-from pgqueue import App, ConfigurationError, PreparedStatementsLost, RetryPolicy, current_job
+from pgqueue import App, ConfigurationError, PreparedStatementsLost, RetryPolicy, Settings, current_job
+from pgqueue.database import watching
+from pgqueue.health import check_health
+from pgqueue.metrics import DatabaseCollector
+from pgqueue.status import overview
 from pgqueue.testing import running_worker, wait_for, wait_for_states
 from tests.pgbouncer import PgBouncer
 
@@ -186,10 +190,29 @@ def test_a_worker_drains_retries_rescues_and_keeps_house_through_pgbouncer(
         assert row == (2, 2)
         row = direct.execute("select attempt from pgqueue.jobs where id = %s", (int(lost),)).fetchone()
         assert row == (2,)  # rescued, then run again
+    # the watching connections: no start-up `options` for PgBouncer to refuse
+    health = check_health(pooled)
+    assert not any("unreachable" in reason for reason in health.reasons), health.reasons
+    samples = {s.name: s.value for family in DatabaseCollector(pooled).collect() for s in family.samples}
+    assert samples["pgqueue_up"] == 1
+    with psycopg.connect(pooled, autocommit=True, prepare_threshold=None) as connection, watching(connection):
+        assert overview(connection, 300).finished > 300
     assert problems(caplog, bouncer) == []
     assert bouncer.errors() == []
     # behind a pooler a worker does not trust LISTEN: it polls, and says how to wake sooner
     assert any("PGQUEUE_LISTEN_DSN" in r.getMessage() for r in caplog.records)
+
+
+def test_migrations_run_through_a_transaction_pooler(empty_dsn: str, server_dsn: str) -> None:
+    pooler = PgBouncer(server_dsn, "transaction")
+    try:
+        app = App(Settings(dsn=pooler.through(empty_dsn)))
+        applied = app.migrate()
+        assert applied and app.migrate() == []  # a second run finds nothing to do
+        app.close()
+        assert pooler.errors() == []
+    finally:
+        pooler.close()
 
 
 def test_a_direct_listen_dsn_wakes_a_worker_behind_pgbouncer_and_carries_events(

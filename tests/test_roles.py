@@ -199,3 +199,33 @@ def test_the_roles_command_lists_the_roles_and_who_holds_them(
     producer = lines.index(next(line for line in lines if line.startswith("pgqueue_producer")))
     assert login in lines[producer + 1]
     assert any(line.startswith("pgqueue_observer") for line in lines)
+
+
+def test_a_producer_gives_way_on_a_key_taken_meanwhile_but_removes_no_other_job(
+    login_as: Callable[[str], str], dsn: str
+) -> None:
+    producer_dsn = login_as("pgqueue_producer")
+    take = "select * from pgqueue.take_job_key('t', 'k', %s)"
+    with psycopg.connect(producer_dsn) as own:  # one transaction after another
+        holder = one_id(own, "select pgqueue.enqueue('t')")
+        assert own.execute(take, (holder,)).fetchone() == (holder, False)
+        own.commit()
+        # a producer that lost the race for the key: its own new job gives way
+        mine = one_id(own, "select pgqueue.enqueue('t')")
+        assert own.execute(take, (mine,)).fetchone() == (holder, True)
+        own.commit()
+        # another transaction's job passed off as its own: the owner's right it borrows
+        # removes nothing
+        other = one_id(own, "select pgqueue.enqueue('t')")
+        own.commit()
+        assert own.execute(take, (other,)).fetchone() == (holder, True)
+        own.commit()
+    with psycopg.connect(dsn) as direct:
+        assert {row[0] for row in direct.execute("select id from pgqueue.jobs")} == {holder, other}
+    refused(login_as("pgqueue_observer"), "select * from pgqueue.take_job_key('t', 'k2', 1)")
+
+
+def one_id(connection: psycopg.Connection[tuple[int]], statement: str) -> int:
+    row = connection.execute(statement).fetchone()
+    assert row is not None
+    return int(row[0])

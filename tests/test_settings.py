@@ -49,3 +49,16 @@ def test_dsn_is_checked_and_its_password_never_shown() -> None:
         validate_dsn("host=a port")
     assert "secret" not in redact("postgresql://me:secret@db/app")
     assert "***" in redact("postgresql://me:secret@db/app")
+
+
+def test_prepared_statements_read_auto_on_off_or_a_boolean(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().prepared_statements == "auto"
+    for given, read in (("off", "off"), ("false", "off"), ("0", "off"), ("ON", "on"), ("true", "on")):
+        monkeypatch.setenv("PGQUEUE_PREPARED_STATEMENTS", given)
+        assert Settings().prepared_statements == read
+    monkeypatch.setenv("PGQUEUE_PREPARED_STATEMENTS", "sometimes")
+    with pytest.raises(ConfigurationError, match="prepared_statements"):
+        Settings()
+    monkeypatch.setenv("PGQUEUE_LISTEN_DSN", "postgresql://direct/db")
+    monkeypatch.delenv("PGQUEUE_PREPARED_STATEMENTS")
+    assert Settings().listen_dsn == "postgresql://direct/db"
