@@ -6,34 +6,27 @@ import asyncio
 import inspect
 import logging
 import sys
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar, overload
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from . import control, producer
 from . import schedules as scheduling
-from .database import connect, redact, resolve_dsn
+from .database import connect, resolve_dsn
 from .eager import EagerRunner
-from .errors import ConfigurationError, DatabaseUnavailableError, QueueFull, UnknownTaskError
+from .errors import ConfigurationError, UnknownTaskError
 from .events import AsyncEventStream, EventStream
-from .hooks import EnqueueRefused, Hooks
-from .migrate import migrate, migrate_async, schema_required
+from .hooks import Hooks
+from .migrate import migrate, migrate_async
 from .models import Job, JobId, JobOptions, JobState, RetryPolicy, validate_options, validate_task_name
 from .periodic import Missed
 from .plans import drive, drive_async
-from .pooling import (
-    async_pool_configure,
-    is_lost_prepared_statement,
-    lost_prepared_statement,
-    permission_denied,
-    pool_configure,
-)
+from .pools import Pools
 from .queues import QueueControls
 from .settings import Settings
 from .tasks import Executor, Task
@@ -66,9 +59,7 @@ class App:
         self.eager: EagerRunner | None = None
         self.hooks = Hooks()  # what its workers tell: see pgqueue.hooks
         self._dsn: str | None = None
-        self._pool: ConnectionPool | None = None
-        self._async_pool: AsyncConnectionPool | None = None
-        self._lock = threading.Lock()
+        self._pools = Pools(self)
 
     def configure(self, settings: Settings) -> None:
         """Switch to other settings (e.g. CLI flags); closes the pools of the old database."""
@@ -348,104 +339,26 @@ class App:
 
     def pool(self) -> ConnectionPool:
         """The app's own sync pool, opened on first use."""
-        with self._lock:
-            if self._pool is None:
-                self._pool = ConnectionPool(
-                    self.dsn,
-                    min_size=1,
-                    max_size=self.settings.pool_size,
-                    open=True,
-                    name="pgqueue",
-                    check=ConnectionPool.check_connection,
-                    timeout=self.settings.connect_timeout,
-                    kwargs={"connect_timeout": max(1, round(self.settings.connect_timeout))},
-                    configure=pool_configure(self.settings.prepared_statements),
-                )
-            return self._pool
+        return self._pools.pool()
 
     async def async_pool(self) -> AsyncConnectionPool:
         """The app's own async pool, opened on first use."""
-        if self._async_pool is None:
-            pool = AsyncConnectionPool(
-                self.dsn,
-                min_size=1,
-                max_size=self.settings.pool_size,
-                open=False,
-                name="pgqueue-async",
-                check=AsyncConnectionPool.check_connection,
-                timeout=self.settings.connect_timeout,
-                kwargs={"connect_timeout": max(1, round(self.settings.connect_timeout))},
-                configure=async_pool_configure(self.settings.prepared_statements),
-            )
-            await pool.open()
-            self._async_pool = pool
-        return self._async_pool
+        return await self._pools.async_pool()
 
-    @contextmanager
-    def _using(self, connection: Connection | None) -> Iterator[Connection]:
-        if connection is not None and not isinstance(connection, psycopg.Connection):
-            raise ConfigurationError(
-                f"expected a psycopg.Connection (or None for the app's pool), got "
-                f"{type(connection).__name__}: use the *_async methods with an AsyncConnection"
-            )
-        with schema_required(), self._refusals():
-            if connection is not None:
-                yield connection
-            else:
-                with self._pool_errors(), self.pool().connection() as conn:
-                    yield conn
+    def _using(self, connection: Connection | None) -> AbstractContextManager[Connection]:
+        return self._pools.using(connection)
 
-    @asynccontextmanager
-    async def _using_async(self, connection: AsyncConnection | None) -> AsyncIterator[AsyncConnection]:
-        if connection is not None and not isinstance(connection, psycopg.AsyncConnection):
-            raise ConfigurationError(
-                f"expected a psycopg.AsyncConnection (or None for the app's pool), got "
-                f"{type(connection).__name__}: use the methods without _async with a Connection"
-            )
-        with schema_required(), self._refusals():
-            if connection is not None:
-                yield connection
-            else:
-                with self._pool_errors():
-                    async with (await self.async_pool()).connection() as conn:
-                        yield conn
-
-    @contextmanager
-    def _refusals(self) -> Iterator[None]:
-        try:
-            yield
-        except QueueFull as full:
-            self.hooks.emit(EnqueueRefused(full.queue, full.depth, full.max_depth))
-            raise
-        except psycopg.Error as error:
-            if is_lost_prepared_statement(error):
-                raise lost_prepared_statement(error) from error
-            if error.sqlstate == "42501":
-                raise permission_denied(error) from error
-            raise
-
-    @contextmanager
-    def _pool_errors(self) -> Iterator[None]:
-        """A pool that cannot hand out a connection in time: the database is down or full."""
-        try:
-            yield
-        except PoolTimeout as error:
-            raise DatabaseUnavailableError(
-                f"no database connection within {self.settings.connect_timeout:g}s "
-                f"(PGQUEUE_CONNECT_TIMEOUT) for {redact(self.dsn)}: {error}"
-            ) from error
+    def _using_async(
+        self, connection: AsyncConnection | None
+    ) -> AbstractAsyncContextManager[AsyncConnection]:
+        return self._pools.using_async(connection)
 
     def close(self) -> None:
         """Close the app's sync pool (the async one needs `aclose`)."""
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
+        self._pools.close()
 
     async def aclose(self) -> None:
-        self.close()
-        if self._async_pool is not None:
-            await self._async_pool.close()
-            self._async_pool = None
+        await self._pools.aclose()
 
     def __enter__(self) -> App:
         return self
