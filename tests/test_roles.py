@@ -12,7 +12,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from pgqueue import App, PermissionDeniedError, RetryPolicy, Worker
+from pgqueue import App, PermissionDeniedError, QueueFull, RetryPolicy, Worker
 from pgqueue.health import check_health
 from pgqueue.metrics import DatabaseCollector
 from pgqueue.status import overview
@@ -229,3 +229,20 @@ def one_id(connection: psycopg.Connection[tuple[int]], statement: str) -> int:
     row = connection.execute(statement).fetchone()
     assert row is not None
     return int(row[0])
+
+
+def test_a_producer_meets_a_full_queue_and_enqueues_by_name_with_its_rights(
+    login_as: Callable[[str], str], new_app: Callable[..., App]
+) -> None:
+    owner = new_app()
+    owner.enqueue(None, "anything", {}, queue="narrow")  # a queue by its first job
+    owner.controls.limit("narrow", max_depth=2)
+    producer = new_app(dsn=login_as("pgqueue_producer"))
+    producer.enqueue(None, "anything", {}, queue="narrow", unique_key="one")
+    with pytest.raises(QueueFull) as full:
+        producer.enqueue(None, "anything", {}, queue="narrow")
+    assert (full.value.depth, full.value.max_depth) == (2, 2)
+    # bulk, with a key: the second job finds the first one holding it
+    keyed = producer.task(name="keyed")(lambda n: n)
+    first, second = keyed.with_options(unique_key="bulk").enqueue_many(None, [{"n": 1}, {"n": 2}])
+    assert first == second
