@@ -54,6 +54,9 @@ end $$
 MIGRATION_LOCK_TIMEOUT = 5.0
 
 
+_ROLES_MIGRATION = 18  # creates pgqueue.grant_roles and calls it itself
+
+
 def _migration_plan(available: Sequence[Migration], lock_timeout: float) -> Plan[list[int]]:
     # The transaction-scoped lock makes concurrent migrators queue up: the second one
     # waits, then finds everything applied. Taking it before "create schema" matters,
@@ -98,6 +101,9 @@ def _migration_plan(available: Sequence[Migration], lock_timeout: float) -> Plan
             (migration.version, migration.name, migration.checksum, migration.compatible_from),
         )
         done.append(migration.version)
+    if done and done[-1] > _ROLES_MIGRATION:
+        # the roles' rights reach what later migrations made (0018: pgqueue.grant_roles)
+        yield "select pgqueue.grant_roles(false)", None
     yield "select set_config('lock_timeout', %s, true)", (previous_lock_timeout,)
     return done
 

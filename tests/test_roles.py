@@ -15,6 +15,9 @@ from psycopg.conninfo import make_conninfo
 from pgqueue import App, PermissionDeniedError, QueueFull, RetryPolicy, Worker
 from pgqueue.health import check_health
 from pgqueue.metrics import DatabaseCollector
+from pgqueue.migrate import _migration_plan
+from pgqueue.plans import drive
+from pgqueue.sql import Migration, migrations
 from pgqueue.status import overview
 from pgqueue.testing import running_worker, wait_for_states
 from tests.conftest import pgqueue_command, subprocess_environment
@@ -246,3 +249,16 @@ def test_a_producer_meets_a_full_queue_and_enqueues_by_name_with_its_rights(
     keyed = producer.task(name="keyed")(lambda n: n)
     first, second = keyed.with_options(unique_key="bulk").enqueue_many(None, [{"n": 1}, {"n": 2}])
     assert first == second
+
+
+def test_a_later_migration_reaches_the_roles_without_a_grant_of_its_own(
+    login_as: Callable[[str], str], dsn: str
+) -> None:
+    later = Migration(9999, "later", "-- compatible-with: 1\ncreate table pgqueue.later_table (id integer)")
+    with psycopg.connect(dsn) as owner:
+        assert drive(owner, _migration_plan([*migrations(), later], 5.0)) == [9999]
+        owner.commit()
+    with psycopg.connect(login_as("pgqueue_observer")) as observer:
+        assert observer.execute("select count(*) from pgqueue.later_table").fetchone() == (0,)
+    with psycopg.connect(login_as("pgqueue_worker"), autocommit=True) as worker:
+        worker.execute("insert into pgqueue.later_table values (1)")

@@ -16,7 +16,9 @@
 -- run as the schema's owner. The roles are the cluster's (a role is not a database's),
 -- created here when the migrating role may (CREATEROLE), else by an administrator with
 -- `pgqueue roles --create`; the grants are this database's. pgqueue.grant_roles()
--- grants to those that exist; each later migration that adds an object calls it again.
+-- grants to those that exist; `pgqueue migrate` calls it again after any later
+-- migration, so the worker's and the observer's rights reach new tables (a producer's
+-- are listed one by one: a migration that gives it more re-creates this function).
 -- Functions keep PostgreSQL's default EXECUTE for PUBLIC: they run with the caller's
 -- rights, so a role without the rights on the tables gets "permission denied" from
 -- inside them. The one exception, take_job_key, is below.
