@@ -97,10 +97,19 @@ class Listener:
         self._backoff.reset()
         self._wake.set()  # notifications sent while we were away are lost: look now
         while True:
+            asked: set[int] = set()
             async for notification in connection.notifies(timeout=self._probe_every):
                 if notification.channel == CANCEL_CHANNEL:
                     if notification.payload.isdigit():
-                        self._on_cancel({int(notification.payload)})
+                        asked.add(int(notification.payload))
+                        break  # to confirm it now
                 elif notification.payload in self._served:
                     self._wake.set()
-            await self._connection.fetch("select 1", {})
+            if asked:
+                # Anyone may NOTIFY, no right needed: a cancel counts only when its request
+                # is stored (pgqueue.cancel, by a role allowed to cancel).
+                rows = await self._connection.fetch(query("cancel_requested"), {"ids": sorted(asked)})
+                if rows:
+                    self._on_cancel({int(row[0]) for row in rows})
+            else:
+                await self._connection.fetch("select 1", {})

@@ -22,6 +22,7 @@ from .errors import (
     SchemaTooNewError,
 )
 from .plans import Plan, atomic, atomic_async, drive, drive_async, drive_worker
+from .roles import permission_denied
 from .sql import Migration, latest_version, migrations
 
 log = logging.getLogger("pgqueue")
@@ -170,6 +171,13 @@ def schema_required() -> Iterator[None]:
 
 
 def _version_plan() -> Plan[int]:
+    try:
+        return (yield from _schema_version_plan())
+    except psycopg.errors.InsufficientPrivilege as error:
+        raise permission_denied(error) from error  # a role granted none of pgqueue's roles
+
+
+def _schema_version_plan() -> Plan[int]:
     rows = yield "select to_regclass('pgqueue.migrations') is not null", ()
     if not rows or not rows[0][0]:
         raise SchemaNotMigratedError(

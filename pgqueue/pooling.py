@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import psycopg
 
-from .errors import PermissionDeniedError, PreparedStatementsLost
+from .errors import PreparedStatementsLost
 
 log = logging.getLogger("pgqueue")
 
@@ -60,16 +60,6 @@ def lost_prepared_statement(error: BaseException) -> PreparedStatementsLost:
     return PreparedStatementsLost(
         f"{first}: a connection pooler in transaction mode (PgBouncer) is between pgqueue and "
         f"PostgreSQL and does not keep prepared statements; {FIX}"
-    )
-
-
-def permission_denied(error: BaseException) -> PermissionDeniedError:
-    """A role without a right pgqueue needs (SQLSTATE 42501), with the roles to grant."""
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return PermissionDeniedError(
-        f"{first}: this database role lacks a right pgqueue needs; grant it pgqueue_producer "
-        "(enqueue, follow its jobs), pgqueue_worker (run jobs) or pgqueue_observer (read), "
-        "see `pgqueue roles`"
     )
 
 

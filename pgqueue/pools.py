@@ -15,13 +15,8 @@ from .database import redact
 from .errors import ConfigurationError, DatabaseUnavailableError, QueueFull
 from .hooks import EnqueueRefused
 from .migrate import schema_required
-from .pooling import (
-    async_pool_configure,
-    is_lost_prepared_statement,
-    lost_prepared_statement,
-    permission_denied,
-    pool_configure,
-)
+from .pooling import async_pool_configure, is_lost_prepared_statement, lost_prepared_statement, pool_configure
+from .roles import permission_denied
 
 if TYPE_CHECKING:
     from .app import App

@@ -6,6 +6,9 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from psycopg import sql
+
+from .errors import PermissionDeniedError
 from .settings import Settings
 from .sql import query
 
@@ -14,6 +17,16 @@ ROLES = {
     "pgqueue_worker": "claim, heartbeat, complete, rescue and keep house",
     "pgqueue_observer": "read only: dashboards, status, health, the exporter",
 }
+
+
+def permission_denied(error: BaseException) -> PermissionDeniedError:
+    """A role without a right pgqueue needs (SQLSTATE 42501), with the roles to grant."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return PermissionDeniedError(
+        f"{first}: this database role lacks a right pgqueue needs; grant it pgqueue_producer "
+        "(enqueue, follow its jobs), pgqueue_worker (run jobs) or pgqueue_observer (read), "
+        "see `pgqueue roles`"
+    )
 
 
 def add_commands(commands: Any, settings: Callable[[argparse.Namespace], Settings]) -> None:
@@ -35,12 +48,23 @@ def _roles(arguments: argparse.Namespace, settings: Settings) -> int:
     from .migrate import check_schema
 
     with App(settings) as app, app.connect() as connection:
-        check_schema(connection)
-        with connection.transaction():
-            created = connection.execute(query("grant_roles"), {"create": arguments.create}).fetchone()
+        if arguments.create:
+            # an administrator with CREATEROLE, who need not own the schema
+            for role in ROLES:
+                if not connection.execute(query("role_exists"), {"role": role}).fetchone():
+                    connection.execute(sql.SQL("create role {} nologin").format(sql.Identifier(role)))
+                    print(f"created role {role}")
+        try:
+            check_schema(connection)
+            with connection.transaction():
+                connection.execute(query("grant_roles"), {"create": False})
+        except PermissionDeniedError:
+            print(
+                "only the pgqueue schema's owner grants the roles: "
+                "it runs `pgqueue roles` or `pgqueue migrate`"
+            )
+            return 1
         rows = connection.execute(query("role_members"), {"roles": list(ROLES)}).fetchall()
-    for name in (created[0] if created else None) or []:
-        print(f"created role {name}")
     members = {str(role): list(held or []) for role, held in rows}
     for role, what in ROLES.items():
         if role not in members:

@@ -211,6 +211,10 @@ select has_table_privilege('pgqueue.active_jobs', 'UPDATE')
 -- Grant the three roles their rights in this database (creating them first when asked).
 select pgqueue.grant_roles(%(create)s)
 
+-- name: role_exists
+-- Whether a role of this name exists (in the cluster).
+select from pg_roles where rolname = %(role)s
+
 -- name: role_members
 -- The roles among these that exist, each with the roles it is granted to.
 select r.rolname, array_remove(array_agg(m.rolname order by m.rolname), null)
@@ -244,8 +248,8 @@ set queue = excluded.queue, priority = excluded.priority, max_attempts = exclude
 -- false, or the holder's id and true. A new job then takes the key (take_job_key), which
 -- settles a race with a producer whose job is not committed yet.
 with held as (
-    select k.job_id from pgqueue.job_keys k
-    where k.task = %(task)s and k.key = %(unique_key)s and not pgqueue.job_key_free(k)
+    select h.job_id from (select pgqueue.key_holder(%(task)s, %(unique_key)s) as job_id) h
+    where h.job_id is not null
 ),
 inserted as (
     insert into pgqueue.active_jobs (
@@ -271,8 +275,8 @@ select job_id, true from held
 -- nothing is inserted when a live job holds it (as in insert_unique_job). Returns (id,
 -- whether any worker registered the name, whether the id is the key's holder).
 with held as (
-    select k.job_id from pgqueue.job_keys k
-    where k.task = %(task)s and k.key = %(unique_key)s and not pgqueue.job_key_free(k)
+    select h.job_id from (select pgqueue.key_holder(%(task)s, %(unique_key)s) as job_id) h
+    where h.job_id is not null
 ),
 registered as (select * from pgqueue.tasks where name = %(task)s),
 inserted as (

@@ -4,6 +4,8 @@ is refused the rest by the server itself."""
 from __future__ import annotations
 
 import subprocess
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -12,7 +14,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from pgqueue import App, PermissionDeniedError, QueueFull, RetryPolicy, Worker
+from pgqueue import App, PermissionDeniedError, QueueFull, RetryPolicy, Worker, current_job
 from pgqueue.health import check_health
 from pgqueue.metrics import DatabaseCollector
 from pgqueue.migrate import _migration_plan
@@ -105,6 +107,10 @@ def test_a_producer_enqueues_and_follows_its_jobs_and_nothing_else(
         f"delete from pgqueue.finished_jobs where id = {int(job)}",
         f"update pgqueue.jobs set state = 'dead' where id = {int(job)}",
         "select * from pgqueue.claim_jobs('thief', array['default'], 10, 30, null)",
+        "insert into pgqueue.active_jobs (task, state, worker) values ('forged', 'running', 'w')",
+        "insert into pgqueue.active_jobs (task, result) values ('forged', '1')",
+        "select key from pgqueue.job_keys",
+        "update pgqueue.job_keys set job_id = 1",
         f"select pgqueue.cancel({int(bulk[1])})",
         f"select pgqueue.retry_job({int(job)})",
         "select pgqueue.pause_queue('default')",
@@ -140,7 +146,12 @@ def test_a_worker_role_runs_jobs_and_keeps_house_but_cannot_alter_the_schema(
         states = wait_for_states(dsn, ids)
     assert sorted(states.values()) == ["dead"] * 10 + ["succeeded"] * 10
     assert app.retry(ids[1])  # a redrive, as the worker role
-    for statement in ALTERATIONS:
+    for statement in (
+        *ALTERATIONS,
+        "delete from pgqueue.migrations",
+        "insert into pgqueue.migrations (version, name, checksum) values (99999, 'x', 'x')",
+        "update pgqueue.retention set keep = null",
+    ):
         refused(worker_dsn, statement)
 
 
@@ -183,6 +194,10 @@ def test_a_role_without_grants_gets_a_typed_error_naming_the_roles(
     nobody = new_app(dsn=login_as(""))
     with pytest.raises(PermissionDeniedError, match="pgqueue_producer"):
         nobody.enqueue(None, "anything", {})
+    worker = Worker(nobody, install_signal_handlers=False)
+    nobody.task(name="anything")(lambda: None)
+    with pytest.raises(PermissionDeniedError, match="pgqueue_worker"):
+        worker.run()  # at its start, not a warning per claim
 
 
 def test_the_roles_command_lists_the_roles_and_who_holds_them(
@@ -217,12 +232,14 @@ def test_a_producer_gives_way_on_a_key_taken_meanwhile_but_removes_no_other_job(
         mine = one_id(own, "select pgqueue.enqueue('t')")
         assert own.execute(take, (mine,)).fetchone() == (holder, True)
         own.commit()
-        # another transaction's job passed off as its own: the owner's right it borrows
-        # removes nothing
+        # another transaction's job passed off as its own: refused, and nothing removed
+        # (nor a key taken for a job that does not exist)
         other = one_id(own, "select pgqueue.enqueue('t')")
         own.commit()
-        assert own.execute(take, (other,)).fetchone() == (holder, True)
-        own.commit()
+        for job_id in (other, 10**9):
+            with pytest.raises(psycopg.errors.InvalidParameterValue, match="this transaction enqueued"):
+                own.execute("select * from pgqueue.take_job_key('t', 'k3', %s)", (job_id,))
+            own.rollback()
     with psycopg.connect(dsn) as direct:
         assert {row[0] for row in direct.execute("select id from pgqueue.jobs")} == {holder, other}
     refused(login_as("pgqueue_observer"), "select * from pgqueue.take_job_key('t', 'k2', 1)")
@@ -262,3 +279,33 @@ def test_a_later_migration_reaches_the_roles_without_a_grant_of_its_own(
         assert observer.execute("select count(*) from pgqueue.later_table").fetchone() == (0,)
     with psycopg.connect(login_as("pgqueue_worker"), autocommit=True) as worker:
         worker.execute("insert into pgqueue.later_table values (1)")
+
+
+def test_a_forged_cancel_notification_stops_no_job(
+    login_as: Callable[[str], str], dsn: str, new_app: Callable[..., App]
+) -> None:
+    """NOTIFY needs no right: a cancel counts only when its request is stored."""
+    app = new_app()
+    release = threading.Event()
+
+    @app.task(name="held")
+    def held(n: int) -> int:
+        context = current_job()
+        deadline = time.monotonic() + 30
+        while not (n == 1 and release.is_set()) and time.monotonic() < deadline:
+            context.raise_if_cancelled()
+            time.sleep(0.01)
+        return n
+
+    with running_worker(app, concurrency=2):
+        forged, real = held.enqueue(None, n=1), held.enqueue(None, n=2)
+        wait_for_states(dsn, [forged, real], ["running"])
+        with psycopg.connect(login_as("pgqueue_observer"), autocommit=True) as observer:
+            observer.execute("select pg_notify('pgqueue_cancel', %s)", (str(int(forged)),))
+        # requested after the forged one, on the same channel: once it has stopped its job,
+        # the worker has seen the forged one too
+        assert app.cancel(real) == "cancelling"
+        wait_for_states(dsn, [real], ["cancelled"], timeout=10)
+        release.set()
+        states = wait_for_states(dsn, [forged, real])
+    assert states == {int(forged): "succeeded", int(real): "cancelled"}
