@@ -32,8 +32,9 @@ PreparedStatements = Literal["auto", "on", "off"]
 # PIDs on Linux stop at 2**22 (pid_max's ceiling); PgBouncer's made-up key is 32 random bits
 _PID_MAX = 4_194_304
 
-# duplicate_prepared_statement, invalid_sql_statement_name: with psycopg's own names
-_LOST_STATES = ("42P05", "26000")
+# duplicate_prepared_statement, invalid_sql_statement_name, and the protocol violation of
+# a Bind to another client's statement of another shape: with psycopg's own names
+_LOST_STATES = ("42P05", "26000", "08P01")
 
 
 FIX = (
@@ -86,12 +87,11 @@ _settled: weakref.WeakSet[psycopg.Connection[Any] | psycopg.AsyncConnection[Any]
 def settle(connection: psycopg.Connection[Any], mode: PreparedStatements) -> bool:
     """Ask the server whether a pooler stands between, and turn prepared statements off on
     `connection` where they would break; leaves the connection idle. True: pooled."""
-    behind = False
-    if mode != "on":
-        row = connection.execute(SERVER_PID, prepare=False).fetchone()
-        if not connection.autocommit:
-            connection.rollback()  # a pool wants its new connections idle
-        behind = row is not None and connection.info.backend_pid != int(row[0])
+    row = connection.execute(SERVER_PID, prepare=False).fetchone()
+    if not connection.autocommit:
+        connection.rollback()  # a pool wants its new connections idle
+    behind = row is not None and connection.info.backend_pid != int(row[0])
+    _warn_if_forced(mode, behind)
     if not prepares(mode, behind):
         connection.prepare_threshold = None
     _settled.add(connection)
@@ -100,17 +100,31 @@ def settle(connection: psycopg.Connection[Any], mode: PreparedStatements) -> boo
 
 async def settle_async(connection: psycopg.AsyncConnection[Any], mode: PreparedStatements) -> bool:
     """The async twin of `settle`."""
-    behind = False
-    if mode != "on":
-        cursor = await connection.execute(SERVER_PID, prepare=False)
-        row = await cursor.fetchone()
-        if not connection.autocommit:
-            await connection.rollback()
-        behind = row is not None and connection.info.backend_pid != int(row[0])
+    cursor = await connection.execute(SERVER_PID, prepare=False)
+    row = await cursor.fetchone()
+    if not connection.autocommit:
+        await connection.rollback()
+    behind = row is not None and connection.info.backend_pid != int(row[0])
+    _warn_if_forced(mode, behind)
     if not prepares(mode, behind):
         connection.prepare_threshold = None
     _settled.add(connection)
     return behind
+
+
+_warned = False
+
+
+def _warn_if_forced(mode: PreparedStatements, behind_pooler: bool) -> None:
+    """Once per process: prepared statements kept on behind a pooler, by the setting."""
+    global _warned
+    if mode == "on" and behind_pooler and not _warned:
+        _warned = True
+        log.warning(
+            "PGQUEUE_PREPARED_STATEMENTS=on behind a connection pooler: safe only where it keeps "
+            "prepared statements (PgBouncer 1.21+ with max_prepared_statements); an older one "
+            "may run another client's statement of the same name. Unset it (auto) otherwise"
+        )
 
 
 def prepares(mode: PreparedStatements, behind_pooler: bool) -> bool:

@@ -228,13 +228,14 @@ def test_a_direct_listen_dsn_wakes_a_worker_behind_pgbouncer_and_carries_events(
         def ping() -> str:
             return "pong"
 
-        with running_worker(app):
+        with psycopg.connect(dsn, autocommit=True) as owner:
+            owner.execute("select pgqueue.enable_events()")
+        with running_worker(app), app.subscribe() as stream:
             job_id = ping.enqueue(None)
             assert job_id.wait(timeout=10) == "pong"
+            assert stream.wait_for(job_id, "succeeded", timeout=10).event == "succeeded"
         with pytest.raises(ConfigurationError, match="PGQUEUE_LISTEN_DSN"):
             new_app(dsn=pooled).subscribe()
-        with app.subscribe() as stream:
-            assert stream is not None
     finally:
         pooler.close()
 

@@ -441,7 +441,7 @@ def test_the_pooler_settings_run_a_worker_through_pgbouncer(
     runs on a worker that reaches the database through it."""
     code = snippet(POOLER_SETTINGS).code
     assert code.splitlines()[0] == "[pgbouncer]"
-    pooler = PgBouncer(server_dsn, "session", settings="\n".join(code.splitlines()[1:]))
+    pooler = PgBouncer(server_dsn, "transaction", settings="\n".join(code.splitlines()[1:]))
     try:
         assert "pool_mode = transaction" in code
         app = new_app(dsn=pooler.through(dsn))
