@@ -98,7 +98,9 @@ class PgBouncer:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
     def errors(self) -> list[str]:
-        """What PgBouncer logged at WARNING or above, or a server's error it passed on."""
+        """What PgBouncer itself logged at WARNING or above: a refused login or start-up
+        parameter, a broken server connection. The server's errors it passes on unlogged:
+        those surface as exceptions and pgqueue's warnings, which the tests check."""
         return [
             line
             for line in self.log().splitlines()

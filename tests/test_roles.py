@@ -309,3 +309,33 @@ def test_a_forged_cancel_notification_stops_no_job(
         release.set()
         states = wait_for_states(dsn, [forged, real])
     assert states == {int(forged): "succeeded", int(real): "cancelled"}
+
+
+def test_a_role_that_enqueued_before_0018_keeps_unique_keys(empty_dsn: str, server_dsn: str) -> None:
+    """Upgrading: take_job_key is no longer everybody's, but a role that already had
+    INSERT on the jobs (its own grants) keeps calling it."""
+    name = f"pgqueue_test_legacy_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(empty_dsn) as owner:
+        drive(owner, _migration_plan([m for m in migrations() if m.version <= 17], 5.0))
+        owner.execute(sql.SQL("create role {} login").format(sql.Identifier(name)))
+        owner.execute(
+            sql.SQL(
+                "grant usage on schema pgqueue to {0}; grant select, insert, delete on all tables in schema "
+                "pgqueue to {0}; grant usage on all sequences in schema pgqueue to {0}"
+            ).format(sql.Identifier(name))
+        )
+        drive(owner, _migration_plan(migrations(), 5.0))
+        owner.commit()
+    try:
+        with psycopg.connect(make_conninfo(empty_dsn, user=name)) as legacy:
+            row = legacy.execute("select * from pgqueue.enqueue_unique('t', 'k')").fetchone()
+            assert row is not None and row[1] is False
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as admin:
+            admin.execute(
+                "select pg_terminate_backend(pid) from pg_stat_activity where usename = %s", (name,)
+            )
+        with psycopg.connect(empty_dsn, autocommit=True) as owner:
+            owner.execute(sql.SQL("drop owned by {}").format(sql.Identifier(name)))
+        with psycopg.connect(server_dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("drop role {}").format(sql.Identifier(name)))
