@@ -51,7 +51,7 @@ def _roles(arguments: argparse.Namespace, settings: Settings) -> int:
         if arguments.create:
             # an administrator with CREATEROLE, who need not own the schema
             for role in ROLES:
-                if not connection.execute(query("role_exists"), {"role": role}).fetchone():
+                if connection.execute(query("role_exists"), {"role": role}).fetchone() == (False,):
                     connection.execute(sql.SQL("create role {} nologin").format(sql.Identifier(role)))
                     print(f"created role {role}")
         try:

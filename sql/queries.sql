@@ -213,7 +213,7 @@ select pgqueue.grant_roles(%(create)s)
 
 -- name: role_exists
 -- Whether a role of this name exists (in the cluster).
-select from pg_roles where rolname = %(role)s
+select exists (select from pg_roles where rolname = %(role)s)
 
 -- name: role_members
 -- The roles among these that exist, each with the roles it is granted to.
