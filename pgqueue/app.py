@@ -17,7 +17,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from . import control, producer
 from . import schedules as scheduling
-from .database import connect, resolve_dsn
+from .database import connect, resolve_dsn, validate_dsn
 from .eager import EagerRunner
 from .errors import ConfigurationError, UnknownTaskError
 from .events import AsyncEventStream, EventStream
@@ -314,11 +314,11 @@ class App:
     def subscribe(self) -> EventStream:
         """Listen to lifecycle events (once they are on: `pgqueue events on`); see pgqueue.events.
         Through a transaction pooler this needs PGQUEUE_LISTEN_DSN, a direct connection."""
-        listen_dsn = self.settings.listen_dsn
+        listen_dsn = self.settings.listen_dsn and validate_dsn(self.settings.listen_dsn)
         return EventStream(listen_dsn or self.dsn, self.settings.connect_timeout, direct=bool(listen_dsn))
 
     async def subscribe_async(self) -> AsyncEventStream:
-        listen_dsn = self.settings.listen_dsn
+        listen_dsn = self.settings.listen_dsn and validate_dsn(self.settings.listen_dsn)
         return await AsyncEventStream.connect(
             listen_dsn or self.dsn, self.settings.connect_timeout, direct=bool(listen_dsn)
         )

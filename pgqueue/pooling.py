@@ -90,12 +90,7 @@ def settle(connection: psycopg.Connection[Any], mode: PreparedStatements) -> boo
     row = connection.execute(SERVER_PID, prepare=False).fetchone()
     if not connection.autocommit:
         connection.rollback()  # a pool wants its new connections idle
-    behind = row is not None and connection.info.backend_pid != int(row[0])
-    _warn_if_forced(mode, behind)
-    if not prepares(mode, behind):
-        connection.prepare_threshold = None
-    _settled.add(connection)
-    return behind
+    return _settled_by(connection, mode, row)
 
 
 async def settle_async(connection: psycopg.AsyncConnection[Any], mode: PreparedStatements) -> bool:
@@ -104,27 +99,31 @@ async def settle_async(connection: psycopg.AsyncConnection[Any], mode: PreparedS
     row = await cursor.fetchone()
     if not connection.autocommit:
         await connection.rollback()
-    behind = row is not None and connection.info.backend_pid != int(row[0])
-    _warn_if_forced(mode, behind)
-    if not prepares(mode, behind):
-        connection.prepare_threshold = None
-    _settled.add(connection)
-    return behind
+    return _settled_by(connection, mode, row)
 
 
-_warned = False
+# DSNs already warned of: prepared statements kept on behind a pooler, by the setting
+_warned: set[str] = set()
 
 
-def _warn_if_forced(mode: PreparedStatements, behind_pooler: bool) -> None:
-    """Once per process: prepared statements kept on behind a pooler, by the setting."""
-    global _warned
-    if mode == "on" and behind_pooler and not _warned:
-        _warned = True
+def _settled_by(
+    connection: psycopg.Connection[Any] | psycopg.AsyncConnection[Any],
+    mode: PreparedStatements,
+    server_pid: tuple[Any, ...] | None,
+) -> bool:
+    """What the server's answer (its pg_backend_pid()) says, for either twin of `settle`."""
+    behind = server_pid is not None and connection.info.backend_pid != int(server_pid[0])
+    if mode == "on" and behind and connection.info.dsn not in _warned:
+        _warned.add(connection.info.dsn)
         log.warning(
             "PGQUEUE_PREPARED_STATEMENTS=on behind a connection pooler: safe only where it keeps "
             "prepared statements (PgBouncer 1.21+ with max_prepared_statements); an older one "
             "may run another client's statement of the same name. Unset it (auto) otherwise"
         )
+    if not prepares(mode, behind):
+        connection.prepare_threshold = None
+    _settled.add(connection)
+    return behind
 
 
 def prepares(mode: PreparedStatements, behind_pooler: bool) -> bool:

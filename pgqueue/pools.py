@@ -35,20 +35,27 @@ class Pools:
         self._async_pool: AsyncConnectionPool | None = None
         self._lock = threading.Lock()
 
+    def _options(self) -> dict[str, Any]:
+        """What both pools take from the settings, as they are when a pool opens."""
+        settings = self._app.settings
+        return {
+            "conninfo": self._app.dsn,
+            "min_size": 1,
+            "max_size": settings.pool_size,
+            "timeout": settings.connect_timeout,
+            "kwargs": {"connect_timeout": max(1, round(settings.connect_timeout))},
+        }
+
     def pool(self) -> ConnectionPool:
         """The app's own sync pool, opened on first use."""
         with self._lock:
             if self._pool is None:
                 self._pool = ConnectionPool(
-                    self._app.dsn,
-                    min_size=1,
-                    max_size=self._app.settings.pool_size,
-                    open=True,
                     name="pgqueue",
+                    open=True,
                     check=ConnectionPool.check_connection,
-                    timeout=self._app.settings.connect_timeout,
-                    kwargs={"connect_timeout": max(1, round(self._app.settings.connect_timeout))},
                     configure=pool_configure(self._app.settings.prepared_statements),
+                    **self._options(),
                 )
             return self._pool
 
@@ -56,15 +63,11 @@ class Pools:
         """The app's own async pool, opened on first use."""
         if self._async_pool is None:
             pool = AsyncConnectionPool(
-                self._app.dsn,
-                min_size=1,
-                max_size=self._app.settings.pool_size,
-                open=False,
                 name="pgqueue-async",
+                open=False,
                 check=AsyncConnectionPool.check_connection,
-                timeout=self._app.settings.connect_timeout,
-                kwargs={"connect_timeout": max(1, round(self._app.settings.connect_timeout))},
                 configure=async_pool_configure(self._app.settings.prepared_statements),
+                **self._options(),
             )
             await pool.open()
             self._async_pool = pool

@@ -241,8 +241,9 @@ def test_a_direct_listen_dsn_wakes_a_worker_behind_pgbouncer_and_carries_events(
 
 
 def test_prepared_statements_forced_on_through_a_transaction_pooler_is_a_typed_error(
-    transaction_bouncer: PgBouncer, dsn: str, new_app: Callable[..., App]
+    transaction_bouncer: PgBouncer, dsn: str, new_app: Callable[..., App], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="pgqueue")
     pooled = transaction_bouncer.through(dsn)
     app = new_app(dsn=pooled, prepared_statements="on", pool_size=2)
 
@@ -260,6 +261,8 @@ def test_prepared_statements_forced_on_through_a_transaction_pooler_is_a_typed_e
         first.autocommit = second.autocommit = True  # neither holds the server connection
         for n in range(12):
             record.enqueue(first if n % 2 else second, n=n)
+    warned = [r.getMessage() for r in caplog.records if "PREPARED_STATEMENTS=on behind" in r.getMessage()]
+    assert len(warned) == 1, warned  # once, though both connections found the pooler
     # the default (auto) finds the pooler and never prepares
     fine = new_app(dsn=pooled, pool_size=2)
     with fine.pool().connection() as first, fine.pool().connection() as second:
@@ -281,6 +284,7 @@ def test_a_worker_told_to_prepare_behind_a_transaction_pooler_says_how_to_fix_it
     ids = work.enqueue_many(None, [{"n": n} for n in range(200)])
     with running_worker(app, concurrency=4):
         assert set(wait_for_states(dsn, ids, timeout=60).values()) == {"succeeded"}
+    assert any("PREPARED_STATEMENTS=on behind" in r.getMessage() for r in caplog.records)
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert said, "five connections sharing one server connection must have met a statement"
     assert all("PGQUEUE_PREPARED_STATEMENTS=off" in message for message in said), said

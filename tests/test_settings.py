@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pgqueue import App, ConfigurationError, Settings
+from pgqueue import App, ConfigurationError, Settings, Worker
 from pgqueue.database import redact, validate_dsn
 
 
@@ -62,3 +62,14 @@ def test_prepared_statements_read_auto_on_off_or_a_boolean(monkeypatch: pytest.M
     monkeypatch.setenv("PGQUEUE_LISTEN_DSN", "postgresql://direct/db")
     monkeypatch.delenv("PGQUEUE_PREPARED_STATEMENTS")
     assert Settings().listen_dsn == "postgresql://direct/db"
+
+
+def test_a_listen_dsn_libpq_cannot_parse_is_a_configuration_error(dsn: str) -> None:
+    app = App(Settings(dsn=dsn, listen_dsn="host='unterminated"))
+    app.task(name="anything")(lambda: None)
+    with pytest.raises(ConfigurationError, match="invalid database DSN"):
+        app.subscribe()
+    worker = Worker(app, install_signal_handlers=False)
+    with pytest.raises(ConfigurationError, match="invalid database DSN"):
+        worker.run()
+    app.close()
